@@ -1,0 +1,13 @@
+"""QD-DETR with AVIGATE audio-visual fusion, rebuilt to load the original research checkpoints.
+
+Main entry points: ``load_checkpoint`` (rebuild a trained model strictly from its checkpoint),
+``build_model`` (a model from options), the dataset in ``qd_detr.dataset``, predictions in
+``qd_detr.inference`` and the official metrics in ``qd_detr.eval``.
+"""
+from .checkpoint import LoadedCheckpoint, load_checkpoint
+from .config import make_options
+from .errors import CheckpointError, ConfigError, DataError, ToolkitError
+from .model import NoFusionError, QDDETR, build_model
+
+__all__ = ["load_checkpoint", "LoadedCheckpoint", "build_model", "QDDETR", "make_options", "ToolkitError",
+           "CheckpointError", "ConfigError", "DataError", "NoFusionError"]

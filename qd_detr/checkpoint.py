@@ -1,0 +1,338 @@
+"""Safe checkpoint loading, strict key matching and the load report.
+
+Formats accepted:
+- the original training checkpoint ``{"model", "optimizer"?, "lr_scheduler"?, "epoch", "opt"}`` where
+  ``opt`` is an ``argparse.Namespace`` (the architecture is rebuilt from it);
+- the same without ``opt`` (or a bare state dict) with an ``opt.json`` beside the file (its
+  ``v_feat_dim`` lacks the +2 of the temporal features, which is added);
+- a bare state dict without options: what shapes can tell is inferred, the rest (gating type of a
+  global/clipwise model, attention head counts, feature split of a concatenation model) must be given.
+
+Loading uses ``torch.load(weights_only=True)`` with ``argparse.Namespace`` allow-listed (the only
+non-tensor type these checkpoints legitimately hold besides ``torch.device``, which torch allows);
+full unpickling only with ``trust_pickle=True``. Every key must match: missing, unexpected or
+mis-shaped keys are an error that lists them.
+"""
+import argparse
+import hashlib
+import os
+import pickle
+import re
+from typing import NamedTuple
+
+import torch
+
+from .config import GATING_TYPES, fusion_layout, has_tef, make_options, options_from_opt_json
+from .errors import CheckpointError, ConfigError
+from .model import build_model
+
+__all__ = ["load_checkpoint", "LoadedCheckpoint", "read_checkpoint", "normalize_state_dict", "KEY_RENAMES",
+           "describe_state_dict", "resolve_device", "file_sha256", "SAFE_GLOBALS"]
+
+SAFE_GLOBALS = [argparse.Namespace]
+
+# Declarative key renames applied before matching: (prefix found, prefix expected).
+KEY_RENAMES = (
+    ("module.", ""),                   # nn.DataParallel / DistributedDataParallel
+    ("avigate_fusion.", "fusion."),    # the attribute name the predecessor's scripts assumed
+)
+
+# Keys of variants this toolkit does not implement; found in a state dict they are named in the error.
+UNSUPPORTED_MARKERS = (
+    (re.compile(r"gating_function\.(mha_bias|mha_scale|ffn_alpha|ffn_beta)$"),
+     "the v2 'gate refinement' fusion (sigmoid MHA gate, scaled tanh FFN gate)"),
+    (re.compile(r"^umt_fusion\.|^fusion\.(audio_encoder|video_encoder)"), "the UMT fusion"),
+    (re.compile(r"ssm"), "the diagstrip-ssm gate"),
+)
+
+
+class LoadedCheckpoint(NamedTuple):
+    model: torch.nn.Module
+    opt: argparse.Namespace
+    report: dict
+
+
+def resolve_device(device):
+    """``"auto"`` -> cuda when available, else cpu; anything else as given."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was requested but CUDA is not available on this machine")
+    return device
+
+
+def file_sha256(path, chunk=1 << 20):
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_checkpoint(path, trust_pickle=False):
+    """``torch.load`` with the safety policy above; every failure is a one-line CheckpointError."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path}: is a directory, expected a checkpoint file")
+    try:
+        if trust_pickle:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        what = f"a pickled object of type {found.group(1)}" if found else "pickled objects"
+        if found or "weights_only" in text.lower() or "Weights only load failed" in text:
+            raise CheckpointError(
+                f"{path}: refused to load {what}, which safe loading does not allow (arbitrary code "
+                "could run); if you trust this file, rerun with --trust_checkpoint") from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, ImportError, ModuleNotFoundError,
+            TypeError, KeyError, IndexError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, possibly truncated or corrupt "
+                              f"({_first_line(exc)})") from None
+
+
+def _first_line(exc):
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+
+
+def _is_state_dict(obj):
+    return isinstance(obj, dict) and obj and all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items())
+
+
+def split_checkpoint(obj, path):
+    """(state_dict, opt or None, format name, metadata) from whatever ``torch.load`` returned."""
+    if _is_state_dict(obj):
+        return obj, None, "bare state dict", {}
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict", "model_state_dict"):
+            if key in obj and _is_state_dict(obj[key]):
+                opt = obj.get("opt")
+                if opt is not None and not isinstance(opt, (argparse.Namespace, dict)):
+                    raise CheckpointError(f"{path}: 'opt' entry is a {type(opt).__name__}, "
+                                          "expected argparse.Namespace or dict")
+                meta = {"entries": sorted(str(k) for k in obj), "epoch": obj.get("epoch")}
+                fmt = "training checkpoint" if key == "model" else f"checkpoint ('{key}' entry)"
+                return obj[key], opt, fmt, meta
+        raise CheckpointError(f"{path}: contains no model weights (entries: {', '.join(map(str, list(obj)[:8]))}; "
+                              "expected 'model' or a state dict)")
+    if isinstance(obj, torch.nn.Module):
+        raise CheckpointError(f"{path}: holds a whole pickled model object; save model.state_dict() instead")
+    raise CheckpointError(f"{path}: contains no model weights (a {type(obj).__name__})")
+
+
+def normalize_state_dict(state_dict):
+    """Apply ``KEY_RENAMES``; returns (new state dict, list of (rule, count) applied)."""
+    out, applied = {}, {}
+    for key, value in state_dict.items():
+        new = key
+        for old_prefix, new_prefix in KEY_RENAMES:
+            if new.startswith(old_prefix):
+                new = new_prefix + new[len(old_prefix):]
+                applied[f"{old_prefix}* -> {new_prefix}*"] = applied.get(f"{old_prefix}* -> {new_prefix}*", 0) + 1
+        if new in out:
+            raise CheckpointError(f"two keys map to {new!r} after renaming prefixes")
+        out[new] = value
+    return out, sorted(applied.items())
+
+
+def _count(keys, pattern):
+    found = {int(m.group(1)) for k in keys for m in [re.match(pattern, k)] if m}
+    return max(found) + 1 if found else 0
+
+
+def describe_state_dict(sd):
+    """What the weights alone tell about the architecture (see SPEC 6.1)."""
+    keys = list(sd)
+    for pattern, name in UNSUPPORTED_MARKERS:
+        hits = [k for k in keys if pattern.search(k)]
+        if hits:
+            raise CheckpointError(f"weights belong to {name}, which this toolkit does not support "
+                                  f"(e.g. key {hits[0]!r})")
+    info = {"hidden_dim": sd["global_rep_token"].shape[0] if "global_rep_token" in sd else None}
+    if "fusion.fusion_layers.0.a_proj.weight" in sd:
+        info["layout"] = "custom"
+        width = sd["fusion.fusion_layers.0.gating_function.mlp_mha.2.weight"].shape[0] \
+            if "fusion.fusion_layers.0.gating_function.mlp_mha.2.weight" in sd else None
+        info["gating_shape"] = "elementwise" if width and width > 1 else "global or clipwise"
+    elif "fusion.video_proj.weight" in sd:
+        info["layout"] = "avigate"
+        info["gating_shape"] = "global"
+    elif any(k.startswith("fusion.") for k in keys):
+        info["layout"] = "unknown fusion"
+    else:
+        info["layout"] = "concat or video_only"
+    info["fusion_layers"] = _count(keys, r"fusion\.fusion_layers\.(\d+)\.")
+    info["enc_layers"] = _count(keys, r"transformer\.encoder\.layers\.(\d+)\.")
+    info["dec_layers"] = _count(keys, r"transformer\.decoder\.layers\.(\d+)\.")
+    info["n_input_proj"] = _count(keys, r"input_txt_proj\.(\d+)\.")
+    return info
+
+
+def _infer_options(sd, info, given, path):
+    """Options for a bare state dict: shapes where they tell, ``given`` for the rest."""
+    need = []
+
+    def dim(key, axis=0):
+        return int(sd[key].shape[axis]) if key in sd else None
+
+    opt = make_options(
+        hidden_dim=info["hidden_dim"], enc_layers=info["enc_layers"], dec_layers=info["dec_layers"],
+        n_input_proj=info["n_input_proj"] or 2, num_queries=dim("query_embed.weight"),
+        dim_feedforward=dim("transformer.encoder.layers.0.linear1.weight"),
+        max_q_l=dim("txt_position_embed.position_embeddings.weight") or 32,
+        t_feat_dim=dim("input_txt_proj.0.LayerNorm.weight"),
+        span_loss_type="l1" if dim("span_embed.layers.2.weight") == 2 else "ce",
+        contrastive_align_loss="contrastive_align_projection_query.weight" in sd,
+        contrastive_hdim=dim("contrastive_align_projection_query.weight") or 64,
+        fusion_layers=info["fusion_layers"] or 4,
+    )
+    layout = info["layout"]
+    if layout == "custom":
+        opt.use_avigate_custom, opt.a_feat_dir = True, given.get("a_feat_dir", "<audio>")
+        opt.v_feat_dim, opt.a_feat_dim = dim("input_vid_proj.0.LayerNorm.weight"), dim("input_aud_proj.0.LayerNorm.weight")
+        if info["gating_shape"] == "elementwise":
+            opt.gating_type = "elementwise"
+        elif "gating_type" not in given:
+            need.append("gating_type (global and clipwise weights have identical names and shapes, so the "
+                        "weights cannot tell them apart; pass --gating_type global or --gating_type clipwise)")
+        if "fusion_n_heads" not in given:
+            need.append("fusion_n_heads (the number of fusion attention heads changes no weight shape)")
+    elif layout == "avigate":
+        opt.use_avigate, opt.a_feat_dir = True, given.get("a_feat_dir", "<audio>")
+        opt.v_feat_dim, opt.a_feat_dim = dim("fusion.video_proj.weight", 1), dim("fusion.audio_proj.weight", 1)
+    elif layout == "concat or video_only":
+        total = dim("input_vid_proj.0.LayerNorm.weight")
+        if "a_feat_dim" in given:
+            opt.a_feat_dir = given.get("a_feat_dir", "<audio>")
+            opt.v_feat_dim = total - int(given["a_feat_dim"])
+        else:
+            opt.v_feat_dim = total
+    else:
+        raise CheckpointError(f"{path}: fusion weights of an unknown layout")
+    if "nheads" not in given:
+        need.append("nheads (the number of transformer attention heads changes no weight shape)")
+    if need:
+        raise ConfigError(f"{path}: a bare state dict without options; cannot infer " + "; ".join(need)
+                          + ". Put the training opt.json beside the checkpoint, or give these options")
+    for key, value in given.items():
+        setattr(opt, key, value)
+    return opt
+
+
+def _check_against_weights(opt, info, path):
+    layout = fusion_layout(opt)
+    expected = {"custom": "custom", "avigate": "avigate"}.get(layout, "concat or video_only")
+    if info["layout"] != expected:
+        raise CheckpointError(f"{path}: options describe the {layout} layout but the weights are of the "
+                              f"{info['layout']} layout")
+    if layout == "custom":
+        if (opt.gating_type == "elementwise") != (info["gating_shape"] == "elementwise"):
+            raise CheckpointError(f"{path}: options say gating_type={opt.gating_type} but the gating MLP weights "
+                                  f"are {info['gating_shape']}-shaped")
+        if int(opt.fusion_layers) != info["fusion_layers"]:
+            raise CheckpointError(f"{path}: options say fusion_layers={opt.fusion_layers} but the weights have "
+                                  f"{info['fusion_layers']} fusion layers")
+
+
+def strict_load(model, state_dict, path):
+    """Load with every key matched; raise CheckpointError listing every mismatch."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shaped = [f"{k} {tuple(state_dict[k].shape)} != expected {tuple(own[k].shape)}"
+              for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+    if missing or unexpected or shaped:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shaped)):
+            if items:
+                shown = ", ".join(items[:6]) + (f" (+{len(items) - 6} more)" if len(items) > 6 else "")
+                parts.append(f"{len(items)} {label} key(s): {shown}")
+        raise CheckpointError(f"{path}: weights do not match the architecture its options describe; "
+                              + "; ".join(parts))
+    model.load_state_dict(state_dict, strict=True)
+    return {"matched": len(own), "missing": 0, "unexpected": 0, "mis_shaped": 0}
+
+
+def load_checkpoint(path, device="cpu", trust_pickle=False, gating_type=None, options=None, batching="query"):
+    """Rebuild a trained QD-DETR from ``path``; returns ``LoadedCheckpoint(model, opt, report)``.
+
+    ``gating_type``: checked against the checkpoint's options (a conflict is an error) and required
+    when they do not say it. ``options``: a dict supplying options a bare state dict cannot tell.
+    The model is returned in eval mode on ``device`` with the given ``batching`` semantics.
+    """
+    path = os.fspath(path)
+    options = dict(options or {})
+    obj = read_checkpoint(path, trust_pickle=trust_pickle)
+    raw_sd, raw_opt, fmt, meta = split_checkpoint(obj, path)
+    sd, renames = normalize_state_dict(raw_sd)
+    info = describe_state_dict(sd)
+    opt_json = os.path.join(os.path.dirname(os.path.abspath(path)), "opt.json")
+    if raw_opt is not None:
+        opt = make_options(**(vars(raw_opt) if isinstance(raw_opt, argparse.Namespace) else raw_opt))
+        source = "checkpoint['opt']"
+    elif os.path.isfile(opt_json):
+        opt = options_from_opt_json(opt_json)
+        source = f"{opt_json} (v_feat_dim + 2 for TEF)" if has_tef(opt) else opt_json
+    else:
+        if gating_type is not None:
+            options.setdefault("gating_type", gating_type)
+        opt = _infer_options(sd, info, options, path)
+        source = "inferred from weight shapes" + (f" + given {sorted(options)}" if options else "")
+    if raw_opt is not None or os.path.isfile(opt_json):
+        for key, value in options.items():
+            setattr(opt, key, value)
+    layout = fusion_layout(opt)
+    gating_source = None
+    if layout == "custom":
+        stated = opt.gating_type
+        if gating_type is not None and gating_type != stated:
+            raise ConfigError(f"{path}: --gating_type {gating_type} conflicts with the checkpoint's "
+                              f"gating_type {stated} ({source})")
+        gating_source = source if raw_opt is not None or os.path.isfile(opt_json) else \
+            ("weight shapes" if info.get("gating_shape") == "elementwise" and "gating_type" not in options else "given")
+    elif layout == "avigate":
+        if gating_type not in (None, "global"):
+            raise ConfigError(f"{path}: --gating_type {gating_type} conflicts with the checkpoint's layout "
+                              "(the older AVIGATEFusion has global gates only)")
+        gating_source = "layout (AVIGATEFusion gates are global)"
+    elif gating_type is not None:
+        raise ConfigError(f"{path}: --gating_type {gating_type} given but the model has no fusion module "
+                          f"(layout: {layout}), so it has no gates")
+    if gating_type is not None and gating_type not in GATING_TYPES:
+        raise ConfigError(f"--gating_type {gating_type!r} is not one of {', '.join(GATING_TYPES)}")
+    _check_against_weights(opt, info, path)
+    try:
+        model = build_model(opt)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    keys = strict_load(model, sd, path)
+    dev = resolve_device(device)
+    model.to(dev).eval()
+    model.set_batching(batching)
+    report = {
+        "path": os.path.abspath(path),
+        "format": fmt,
+        "entries": meta.get("entries"),
+        "epoch": meta.get("epoch"),
+        "options_source": source,
+        "layout": layout,
+        "gating_type": model.fusion.gating_type if model.fusion is not None else None,
+        "gating_type_source": gating_source,
+        "fusion_layers": len(model.fusion.fusion_layers) if model.fusion is not None else 0,
+        "fusion_n_heads": model.fusion.fusion_layers[0].self_attention.num_heads if model.fusion is not None else None,
+        "key_renames": renames,
+        "keys": keys,
+        "n_tensors": len(sd),
+        "n_parameters": int(sum(p.numel() for p in model.parameters())),
+        "device": str(dev),
+        "batching": batching,
+        "torch": torch.__version__,
+    }
+    return LoadedCheckpoint(model, opt, report)

@@ -1,0 +1,301 @@
+"""Gate capture: forward hooks on the modules that produce the fusion gates.
+
+One recorder serves every fusion layout (``AVIGATEFusionCustom`` and the older ``AVIGATEFusion``):
+it hooks each fusion layer's ``gating_function`` (whose output is exactly ``(gate_mha, gate_ffn)``),
+and the fusion module itself to learn the video mask and to close each forward pass. Nothing is
+added to the model's parameters or state dict, and the model's math is untouched.
+
+Per forward pass and batch element ``i`` (id ``ids[i]``, ``T_i = video_mask[i].sum()`` valid clips)
+the recorder emits a ``GateRecord`` whose ``gates[(layer, kind)]`` (kind ``"mha"`` or ``"ffn"``) is a
+float32 numpy copy: global -> (1,), clipwise -> (T_i,), elementwise -> (T_i, D). Padded clips are
+excluded; a global gate is stored once. The recorder checks that every gating hook fired exactly
+once per fusion forward and raises ``GateCaptureError`` otherwise.
+
+With ``capture_contributions=True`` it also hooks the branch outputs and records, per layer and
+clip, the effective contribution of each gated branch relative to the stream it is added to:
+``||g_mha * a||_2 / ||V||_2`` and ``||g_ffn * ffn1(norm2 z)||_2 / ||z||_2`` (norms over features).
+
+Dotted names (``layers.{l}.gate_{kind}``) are used alike in code, CSV values and plot titles.
+"""
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+__all__ = ["GATE_KINDS", "gate_name", "GateRecord", "GateRecorder", "GateCaptureError", "GateTrackingMixin",
+           "fusion_gating_type", "fusion_num_layers"]
+
+GATE_KINDS = ("mha", "ffn")
+
+
+def gate_name(layer, kind):
+    return f"layers.{layer}.gate_{kind}"
+
+
+class GateCaptureError(RuntimeError):
+    """The hooks did not fire as the fusion module's structure requires."""
+
+
+@dataclass
+class GateRecord:
+    """Gates of one batch element: ``gates[(layer, kind)]`` float32 arrays, padding excluded."""
+    sample_id: object
+    n_clips: int
+    gates: dict = field(default_factory=dict)
+    contributions: dict = field(default_factory=dict)  # (layer, kind) -> (T,) float32, optional
+
+
+def fusion_gating_type(fusion):
+    return getattr(fusion, "gating_type", None) or fusion.fusion_layers[0].gating_function.gating_type
+
+
+def fusion_num_layers(fusion):
+    return len(fusion.fusion_layers)
+
+
+def _to_numpy(t):
+    return t.detach().to(device="cpu", dtype=torch.float32).numpy()
+
+
+class GateRecorder:
+    """Attach hooks to a fusion module and pass one ``GateRecord`` list per forward to ``sink``.
+
+    Use as a context manager or call ``attach()``/``detach()``. ``set_ids(ids)`` names the next
+    forward's batch elements (a list: one id per element; a scalar with batch size 1); without ids,
+    elements are named ``auto_{n}``.
+    """
+
+    def __init__(self, fusion, sink, capture_contributions=False):
+        self.fusion = fusion
+        self.sink = sink
+        self.capture_contributions = capture_contributions
+        self.gating_type = fusion_gating_type(fusion)
+        self.num_layers = fusion_num_layers(fusion)
+        self._handles = []
+        self._pending_ids = None
+        self._auto = itertools.count()
+        self._reset()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def attach(self):
+        if self._handles:
+            return self
+        f = self.fusion
+        self._handles.append(f.register_forward_pre_hook(self._on_fusion_start, with_kwargs=True))
+        self._handles.append(f.register_forward_hook(self._on_fusion_end))
+        for idx, block in enumerate(f.fusion_layers):
+            self._handles.append(block.gating_function.register_forward_hook(self._gate_hook(idx)))
+            if self.capture_contributions:
+                self._handles.extend(self._contribution_hooks(idx, block))
+        return self
+
+    def detach(self):
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __enter__(self):
+        return self.attach()
+
+    def __exit__(self, *exc):
+        self.detach()
+        return False
+
+    def set_ids(self, ids):
+        self._pending_ids = ids
+
+    # -- hooks -----------------------------------------------------------------------------------
+    def _reset(self):
+        self._active = False
+        self._mask = None
+        self._gates = {}
+        self._fired = [0] * self.num_layers
+        self._branch = {}
+
+    def _on_fusion_start(self, module, args, kwargs):
+        self._reset()  # also discards what a forward that raised midway left behind
+        self._active = True
+        mask = kwargs.get("video_mask", args[2] if len(args) > 2 else None)
+        video = kwargs.get("video_feat", args[0] if args else None)
+        self._shape = tuple(video.shape[:2])
+        self._mask = None if mask is None else mask.detach()
+
+    def _gate_hook(self, idx):
+        def hook(module, args, output):
+            if not self._active:
+                raise GateCaptureError(f"{gate_name(idx, 'mha')}: gating function ran outside a fusion forward")
+            self._fired[idx] += 1
+            self._gates[idx] = output
+        return hook
+
+    def _contribution_hooks(self, idx, block):
+        def save(key, use_input=False):
+            def hook(module, args, output):
+                value = args[0] if use_input else (output[0] if isinstance(output, tuple) else output)
+                self._branch[(idx, key)] = value.detach()
+            return hook
+        handles = [block.register_forward_pre_hook(lambda m, a: self._branch.__setitem__((idx, "V"), a[0].detach())),
+                   block.norm2.register_forward_pre_hook(
+                       lambda m, a: self._branch.__setitem__((idx, "z"), a[0].detach())),
+                   block.ffn1.register_forward_hook(save("ffn"))]
+        branch = block.out_proj if hasattr(block, "out_proj") else block.cross_attention
+        handles.append(branch.register_forward_hook(save("mha")))
+        return handles
+
+    def _on_fusion_end(self, module, args, output):
+        try:
+            if self._fired != [1] * self.num_layers:
+                raise GateCaptureError(f"gate hooks fired {self._fired} times per layer in one fusion forward; "
+                                       f"expected exactly once for each of {self.num_layers} layers")
+            records = self._build_records()
+        finally:
+            self._active = False
+        self.sink(records)
+
+    # -- records ---------------------------------------------------------------------------------
+    def _ids(self, batch):
+        ids, self._pending_ids = self._pending_ids, None
+        if ids is None:
+            return [f"auto_{next(self._auto)}" for _ in range(batch)]
+        if isinstance(ids, (list, tuple)):
+            if len(ids) != batch:
+                raise GateCaptureError(f"{len(ids)} sample ids given for a batch of {batch}")
+            return list(ids)
+        if batch == 1:
+            return [ids]
+        return [f"{ids}/{i}" for i in range(batch)]
+
+    def _build_records(self):
+        batch, length = self._shape
+        if self._mask is None:
+            lengths = np.full(batch, length, dtype=np.int64)
+        else:
+            lengths = _to_numpy(self._mask.sum(dim=1)).round().astype(np.int64)
+        ids = self._ids(batch)
+        records = [GateRecord(sample_id=ids[i], n_clips=int(lengths[i])) for i in range(batch)]
+        per_clip = self.gating_type in ("clipwise", "elementwise")
+        for layer in range(self.num_layers):
+            for kind, gate in zip(GATE_KINDS, self._gates[layer]):
+                arr = _to_numpy(gate)
+                if per_clip:
+                    if self.gating_type == "clipwise":
+                        arr = arr[..., 0]  # [B, L]
+                    for i, rec in enumerate(records):
+                        rec.gates[(layer, kind)] = arr[i, :lengths[i]].copy()
+                else:
+                    flat = arr.reshape(batch, -1)[:, :1]  # [B, 1]: [B,1,1] custom, [B,1] legacy
+                    for i, rec in enumerate(records):
+                        rec.gates[(layer, kind)] = flat[i].copy()
+            if self.capture_contributions:
+                self._add_contributions(layer, records, lengths)
+        return records
+
+    def _add_contributions(self, layer, records, lengths):
+        g_mha, g_ffn = self._gates[layer]
+        if g_mha.dim() == 2:  # legacy [B, 1]
+            g_mha, g_ffn = g_mha.unsqueeze(-1), g_ffn.unsqueeze(-1)
+        ratios = {
+            "mha": (g_mha * self._branch[(layer, "mha")]).norm(dim=-1) / self._branch[(layer, "V")].norm(dim=-1),
+            "ffn": (g_ffn * self._branch[(layer, "ffn")]).norm(dim=-1) / self._branch[(layer, "z")].norm(dim=-1),
+        }
+        for kind, ratio in ratios.items():
+            arr = _to_numpy(ratio)  # [B, L]
+            for i, rec in enumerate(records):
+                rec.contributions[(layer, kind)] = arr[i, :lengths[i]].copy()
+
+
+class GateTrackingMixin:
+    """The tracking API users call on ``model.avigate_fusion`` (kept from the predecessor's API).
+
+    Records live in ``gate_history`` (sample id -> ``GateRecord``; a repeated id keeps the latest).
+    For whole datasets use ``run_gate_analysis.py``, which streams gates to disk instead.
+    """
+
+    def enable_gate_tracking(self, capture_contributions=False):
+        """Start recording every forward pass (eval or train mode, with or without grad)."""
+        self.disable_gate_tracking()
+        if not hasattr(self, "gate_history"):
+            self.gate_history = {}
+        self._gate_recorder = GateRecorder(self, self._keep_records, capture_contributions).attach()
+        return self
+
+    def disable_gate_tracking(self):
+        recorder = getattr(self, "_gate_recorder", None)
+        if recorder is not None:
+            recorder.detach()
+        self._gate_recorder = None
+        return self
+
+    @property
+    def gate_tracking_enabled(self):
+        return getattr(self, "_gate_recorder", None) is not None
+
+    def set_current_sample_id(self, sample_id):
+        """Name the batch elements of the next forward: one id per element (a list), or one id."""
+        if not self.gate_tracking_enabled:
+            raise RuntimeError("gate tracking is off: call enable_gate_tracking() first")
+        self._gate_recorder.set_ids(sample_id)
+
+    def clear_gate_history(self):
+        self.gate_history = {}
+
+    def _keep_records(self, records):
+        for rec in records:
+            self.gate_history.pop(rec.sample_id, None)
+            self.gate_history[rec.sample_id] = rec
+
+    def _records(self, sample_id=None):
+        history = getattr(self, "gate_history", {})
+        if sample_id is None:
+            return list(history.values())
+        if sample_id not in history:
+            raise KeyError(f"no gates recorded for sample id {sample_id!r}")
+        return [history[sample_id]]
+
+    def get_gate_statistics(self, sample_id=None):
+        """{"layers.{l}.gate_{kind}": {count, mean, std, min, max, median, n_samples}} over the
+        valid values of one sample, or of every recorded sample when ``sample_id`` is None."""
+        records = self._records(sample_id)
+        stats = {}
+        for layer in range(fusion_num_layers(self)):
+            for kind in GATE_KINDS:
+                values = [r.gates[(layer, kind)].reshape(-1) for r in records]
+                if not values:
+                    continue
+                v = np.concatenate(values).astype(np.float64)
+                stats[gate_name(layer, kind)] = dict(
+                    count=int(v.size), mean=float(v.mean()), std=float(v.std()), min=float(v.min()),
+                    max=float(v.max()), median=float(np.median(v)), n_samples=len(records))
+        return stats
+
+    def print_gate_summary(self, sample_id=None):
+        stats = self.get_gate_statistics(sample_id)
+        who = "all samples" if sample_id is None else f"sample {sample_id}"
+        print(f"Gate summary ({fusion_gating_type(self)} gating, {who}):")
+        for name, s in stats.items():
+            print(f"  {name:<18} mean {s['mean']:+.4f}  std {s['std']:.4f}  "
+                  f"min {s['min']:+.4f}  max {s['max']:+.4f}  n={s['count']}")
+        return stats
+
+    def compare_samples_gates(self, sample_ids, save_dir):
+        """Write ``gate_comparison.png`` (per-layer gates of the given samples) into ``save_dir``."""
+        import os
+        from gate_analysis.plots import plot_sample_comparison  # analysis is optional for the model
+        mapping = {sid: self._records(sid)[0].gates for sid in sample_ids}
+        os.makedirs(save_dir, exist_ok=True)
+        return plot_sample_comparison(mapping, list(sample_ids), os.path.join(save_dir, "gate_comparison.png"))
+
+    def save_gate_analysis(self, save_dir, sample_id=None):
+        """Write ``gate_statistics_{sample_id or 'all'}.json`` and a comparison plot; return the paths."""
+        import json
+        import os
+        os.makedirs(save_dir, exist_ok=True)
+        tag = "all" if sample_id is None else str(sample_id)
+        path = os.path.join(save_dir, f"gate_statistics_{tag}.json")
+        with open(path + ".tmp", "w") as fh:
+            json.dump({"gating_type": fusion_gating_type(self), "sample_id": sample_id,
+                       "statistics": self.get_gate_statistics(sample_id)}, fh, indent=2, default=str)
+        os.replace(path + ".tmp", path)
+        ids = [r.sample_id for r in self._records(sample_id)][:20]
+        return {"statistics": path, "plot": self.compare_samples_gates(ids, save_dir) if ids else None}
