@@ -1,0 +1,107 @@
+"""Shared command-line pieces: argument groups (DETR-style parents) and the error policy.
+
+Bad input (``ToolkitError``) is reported as one line on stderr, ``error: <message>``, with exit code 2
+and no traceback; Ctrl-C exits 130 with one line.
+"""
+import argparse
+import os
+import sys
+
+from .errors import ConfigError, ToolkitError
+
+__all__ = ["model_args", "data_args", "run_main", "prepare_output_dir", "prepare_output_file",
+           "positive_int"]
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def model_args():
+    """--model_path, --device, --gating_type, --trust_checkpoint."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("model")
+    g.add_argument("--model_path", help="checkpoint file (.ckpt/.pth) written by QD-DETR training")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    g.add_argument("--gating_type", choices=("global", "clipwise", "elementwise"), default=None,
+                   help="checked against the checkpoint's options; required only when they do not say it")
+    g.add_argument("--trust_checkpoint", action="store_true",
+                   help="allow full unpickling of the checkpoint (only for files you trust)")
+    return p
+
+
+def data_args():
+    """--data_path, feature folders, batching."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("data")
+    g.add_argument("--data_path", help="QVHighlights-style JSONL annotation file")
+    g.add_argument("--v_feat_dirs", nargs="+", default=None,
+                   help="video feature folders, in training order (default: from the checkpoint)")
+    g.add_argument("--t_feat_dir", default=None, help="text feature folder (default: from the checkpoint)")
+    g.add_argument("--a_feat_dir", default=None, help="audio feature folder (default: from the checkpoint)")
+    g.add_argument("--batch_size", type=positive_int, default=None,
+                   help="queries per forward pass (default: 32 with --batching query, the checkpoint's "
+                        "eval_bsz with --batching original)")
+    g.add_argument("--batching", choices=("query", "original"), default="query",
+                   help="query: every query's outputs equal running it alone (default); original: the "
+                        "original inference's batches in file order, batch-dependent quirks included")
+    g.add_argument("--skip_missing", action="store_true",
+                   help="skip queries whose feature files are missing (counted in the summary) "
+                        "instead of stopping")
+    g.add_argument("--num_workers", type=int, default=0, help="data loading worker processes (default: 0)")
+    return p
+
+
+def run_main(main, argv=None):
+    """Call ``main(argv)`` under the error policy and return its exit code."""
+    try:
+        return main(argv) or 0
+    except ToolkitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _check_writable(directory, what):
+    if not os.path.isdir(directory):
+        raise ConfigError(f"{directory}: {what} folder does not exist")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ConfigError(f"{directory}: {what} folder is not writable")
+
+
+def prepare_output_dir(path, overwrite=False):
+    """Create ``path``; an existing non-empty folder needs ``overwrite`` (its files are then replaced)."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"{path}: exists and is not a folder")
+    if os.path.isdir(path) and os.listdir(path) and not overwrite:
+        raise ConfigError(f"{path}: output folder exists and is not empty; pass --overwrite to replace "
+                          "its results (or --resume to continue an interrupted run)")
+    parent = os.path.dirname(path)
+    if not os.path.isdir(path):
+        _check_writable(parent if os.path.isdir(parent) else os.path.dirname(parent) or ".", "parent")
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot create output folder ({exc.strerror})") from None
+    _check_writable(path, "output")
+    return path
+
+
+def prepare_output_file(path, overwrite=False):
+    """Check that ``path`` can be written; an existing file needs ``overwrite``."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        raise ConfigError(f"{path}: is a folder, expected an output file path")
+    if os.path.exists(path) and not overwrite:
+        raise ConfigError(f"{path}: output file exists; pass --overwrite to replace it")
+    _check_writable(os.path.dirname(path), "output")
+    return path

@@ -1,0 +1,69 @@
+"""Model outputs -> official QVHighlights submission lines, with the original post-processing.
+
+Per query: foreground probability ``softmax(pred_logits)[:, 0]``; windows
+``span_cxw_to_xx(pred_spans) * duration`` (JSONL duration); rows ``[st, ed, score]`` stably sorted by
+score (descending), every value rounded to 4 decimals; then windows clamped to [0, 150] and rounded
+to multiples of the 2 s clip length (round half to even), in float32 as the original tensors are;
+scores re-rounded to 4 decimals, no re-sort. Saliency: ``saliency_scores.half()`` trimmed to the
+valid clips.
+"""
+import json
+import os
+
+import torch
+
+from .span_utils import span_cxw_to_xx
+
+__all__ = ["submission_lines", "finalize_windows", "write_jsonl", "write_json"]
+
+
+def finalize_windows(rows, clip_length=2, min_ts=0, max_ts=150):
+    """The original PostProcessorDETR with ("clip_ts", "round_multiple") on [[st, ed, score], ...]."""
+    t = torch.tensor(rows)  # float32, as in the original
+    windows = torch.clamp(t[:, :2], min=min_ts, max=max_ts)
+    windows = torch.round(windows / clip_length) * clip_length
+    out = torch.cat([windows, t[:, 2:3]], dim=1).tolist()
+    return [row[:2] + [float(f"{row[2]:.4f}")] for row in out]
+
+
+def submission_lines(metas, outputs, video_mask):
+    """One submission dict per query of a batch.
+
+    metas: JSONL records (qid, query, vid, duration); outputs: the model's ``pred_logits`` [B, nq, 2],
+    ``pred_spans`` [B, nq, 2] and ``saliency_scores`` [B, L]; video_mask [B, L] float, 1 = valid.
+    """
+    prob = torch.softmax(outputs["pred_logits"], -1)[..., 0].cpu()
+    spans = outputs["pred_spans"].cpu()
+    saliency = outputs["saliency_scores"].half().cpu()
+    lengths = video_mask.sum(1).cpu().tolist()
+    lines = []
+    for j, meta in enumerate(metas):
+        xx = span_cxw_to_xx(spans[j]) * meta["duration"]
+        rows = sorted(torch.cat([xx, prob[j][:, None]], dim=1).tolist(), key=lambda r: r[2], reverse=True)
+        rows = [[float(f"{v:.4f}") for v in row] for row in rows]
+        lines.append(dict(qid=meta["qid"], query=meta["query"], vid=meta["vid"],
+                          pred_relevant_windows=finalize_windows(rows),
+                          pred_saliency_scores=saliency[j, :int(lengths[j])].tolist()))
+    return lines
+
+
+def _atomic_write(path, write):
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_jsonl(path, lines):
+    """Write JSON lines atomically (temporary name, then rename)."""
+    _atomic_write(path, lambda fh: fh.writelines(json.dumps(line) + "\n" for line in lines))
+
+
+def write_json(path, obj):
+    """Write pretty JSON atomically."""
+    _atomic_write(path, lambda fh: json.dump(obj, fh, indent=4))
