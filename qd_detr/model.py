@@ -21,8 +21,11 @@ __all__ = ["QDDETR", "LinearLayer", "NoFusionError", "build_model", "BATCHING_MO
 BATCHING_MODES = ("query", "original")
 
 
-class NoFusionError(ConfigError, AttributeError):
-    """The model has no audio-visual fusion module, hence no gates."""
+class NoFusionError(ConfigError):
+    """The model has no audio-visual fusion module, hence no gates.
+
+    Not an AttributeError on purpose: ``nn.Module.__getattr__`` would replace its message.
+    """
 
 
 class LinearLayer(nn.Module):
