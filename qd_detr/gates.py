@@ -17,6 +17,7 @@ clip, the effective contribution of each gated branch relative to the stream it 
 
 Dotted names (``layers.{l}.gate_{kind}``) are used alike in code, CSV values and plot titles.
 """
+import contextlib
 import itertools
 from dataclasses import dataclass, field
 
@@ -73,6 +74,7 @@ class GateRecorder:
         self.gating_type = fusion_gating_type(fusion)
         self.num_layers = fusion_num_layers(fusion)
         self._handles = []
+        self._paused = False
         self._pending_ids = None
         self._auto = itertools.count()
         self._reset()
@@ -104,6 +106,15 @@ class GateRecorder:
 
     def set_ids(self, ids):
         self._pending_ids = ids
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Forwards inside this block are audited but not recorded (e.g. exact re-runs)."""
+        self._paused, previous = True, self._paused
+        try:
+            yield self
+        finally:
+            self._paused = previous
 
     # -- hooks -----------------------------------------------------------------------------------
     def _reset(self):
@@ -148,10 +159,11 @@ class GateRecorder:
             if self._fired != [1] * self.num_layers:
                 raise GateCaptureError(f"gate hooks fired {self._fired} times per layer in one fusion forward; "
                                        f"expected exactly once for each of {self.num_layers} layers")
-            records = self._build_records()
+            records = None if self._paused else self._build_records()
         finally:
             self._active = False
-        self.sink(records)
+        if records is not None:
+            self.sink(records)
 
     # -- records ---------------------------------------------------------------------------------
     def _ids(self, batch):

@@ -14,7 +14,7 @@ import torch
 
 from .span_utils import span_cxw_to_xx
 
-__all__ = ["submission_lines", "finalize_windows", "write_jsonl", "write_json"]
+__all__ = ["submission_lines", "finalize_windows", "write_jsonl", "write_json", "ambiguous_rows"]
 
 
 def finalize_windows(rows, clip_length=2, min_ts=0, max_ts=150):
@@ -45,6 +45,32 @@ def submission_lines(metas, outputs, video_mask):
                           pred_relevant_windows=finalize_windows(rows),
                           pred_saliency_scores=saliency[j, :int(lengths[j])].tolist()))
     return lines
+
+
+def _near_boundary(values, eps, step):
+    """True where rounding ``values`` to a multiple of ``step`` could change under noise ``eps``."""
+    return torch.round((values - eps) / step) != torch.round((values + eps) / step)
+
+
+def ambiguous_rows(metas, outputs, eps=2e-6):
+    """Batch rows whose windows or scores are not decided within ``eps`` of numerical noise.
+
+    Batched and one-at-a-time forwards differ by ~1e-6 (kernels round differently for different
+    batch shapes). That noise changes a submission line only when two scores are nearly tied (the
+    rank order of windows flips), a score lies next to a 4-decimal rounding boundary, or a window end
+    lies next to a 2 s rounding boundary. Such rows are recomputed alone by the caller. Saliency is
+    not checked: noise there moves a float16 value by at most one float16 step.
+    """
+    prob = torch.softmax(outputs["pred_logits"].float(), -1)[..., 0].cpu()
+    spans = outputs["pred_spans"].float().cpu()
+    rows = []
+    for j, meta in enumerate(metas):
+        p = prob[j].sort(descending=True).values
+        ends = span_cxw_to_xx(spans[j]) * meta["duration"]
+        if bool(((p[:-1] - p[1:]) < eps).any() or _near_boundary(prob[j], eps, 1e-4).any()
+                or _near_boundary(ends, eps * meta["duration"], 2.0).any()):
+            rows.append(j)
+    return rows
 
 
 def _atomic_write(path, write):

@@ -294,6 +294,7 @@ class Transformer(nn.Module):
                 nn.init.xavier_uniform_(p)
         self.d_model = d_model
         self.nhead = nhead
+        self.batch_invariant = True
         self.dec_layers = num_decoder_layers
         self.num_queries = num_queries
 
@@ -305,6 +306,10 @@ class Transformer(nn.Module):
         bs, _, d = src.shape
         src = src.permute(1, 0, 2)  # [L, B, D]
         pos_embed = pos_embed.permute(1, 0, 2)
+        if self.batch_invariant:
+            # A permuted batch is non-contiguous, and Linear kernels round differently on
+            # non-contiguous rows than on the contiguous rows of a batch of one.
+            src, pos_embed = src.contiguous(), pos_embed.contiguous()
         refpoint_embed = query_embed.unsqueeze(1).repeat(1, bs, 1)  # [nq, B, 2]
         src = self.t2v_encoder(src, src_key_padding_mask=mask, pos=pos_embed, video_length=video_length)
         keep = video_length + 1  # global token + video; text leaves the model here

@@ -1,0 +1,187 @@
+"""The main job: inference with gate capture, streamed to an output folder, then statistics and plots.
+
+    checkpoint + JSONL/features -> qd_detr (rebuild, batch, forward) -> GateRecorder (gates per query)
+    -> GateStoreWriter (raw gates, one shard per batch) + GateStatsAccumulator (streamed statistics)
+    -> CSVs, plots, predictions, metrics, run.json
+
+Memory does not grow with the number of queries: each batch's gates are written as one shard and
+only per-query summary rows are kept. ``run.json`` says ``"status": "running"`` until every output
+is written, so an interrupted run never looks complete.
+"""
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+from qd_detr.checkpoint import file_sha256, load_checkpoint
+from qd_detr.dataset import has_labels, read_jsonl
+from qd_detr.errors import ConfigError, DataError
+from qd_detr.gates import GATE_KINDS, GateRecorder, fusion_gating_type, fusion_num_layers
+from qd_detr.inference import build_dataset, evaluate, iterate_batches, make_batches, resolve_feature_dirs
+from qd_detr.model import NoFusionError
+from qd_detr.postprocess import submission_lines, write_json, write_jsonl
+
+from .stats import GateStatsAccumulator, write_stats_csvs
+from .store import GateStoreWriter, load_gate_run
+
+__all__ = ["AnalysisConfig", "run_analysis", "load_model_for_analysis", "PREDICTIONS_FILE", "METRICS_FILE"]
+
+PREDICTIONS_FILE = "predictions.jsonl"
+METRICS_FILE = "predictions_metrics.json"
+RUN_FILE = "run.json"
+
+
+class AnalysisConfig(dict):
+    """Arguments of one analysis run (a dict with attribute access; stored in run.json)."""
+    __getattr__ = dict.get
+
+
+def load_model_for_analysis(cfg):
+    """(model, opt, load report): through the legacy adapter with ``legacy_model``, else strictly."""
+    if cfg.legacy_model:
+        from legacy_model_adapter import load_legacy_model_with_gate_tracking
+        model, opt, report = load_legacy_model_with_gate_tracking(
+            cfg.model_path, gating_type=cfg.gating_type, device=cfg.device or "auto",
+            trust_pickle=bool(cfg.trust_checkpoint), return_details=True)
+        model.fusion.disable_gate_tracking()  # the pipeline attaches its own streaming recorder
+    else:
+        model, opt, report = load_checkpoint(cfg.model_path, device=cfg.device or "auto",
+                                             trust_pickle=bool(cfg.trust_checkpoint), gating_type=cfg.gating_type)
+    model.set_batching(cfg.batching or "query")
+    if model.fusion is None:
+        raise NoFusionError(f"{cfg.model_path}: the model has no audio-visual fusion module "
+                            f"(layout: {model.layout}), so there are no fusion gates to analyse")
+    return model, opt, report
+
+
+def _write_run_json(path, manifest):
+    write_json(path, manifest)
+
+
+def run_analysis(cfg, progress=True, log=print):
+    """Run the whole analysis described by ``cfg``; returns the run manifest (also in run.json)."""
+    t0 = time.time()
+    out = cfg.output_dir
+    records = read_jsonl(cfg.data_path)
+    if cfg.max_samples is not None:
+        if cfg.max_samples <= 0:
+            raise ConfigError(f"--max_samples must be positive, got {cfg.max_samples}")
+        records = records[:cfg.max_samples]
+    model, opt, load_report = load_model_for_analysis(cfg)
+    device = next(model.parameters()).device
+    dirs = resolve_feature_dirs(opt, cfg.model_path, cfg.v_feat_dirs, cfg.t_feat_dir, cfg.a_feat_dir)
+    dataset = build_dataset(opt, records, dirs, skip_missing=bool(cfg.skip_missing))
+    if len(dataset) == 0:
+        raise DataError(f"{cfg.data_path}: no query left to analyse (all skipped for missing features)")
+    batches = make_batches(dataset, cfg.batching or "query", cfg.batch_size, opt)
+    fusion = model.fusion
+    gating_type, num_layers = fusion_gating_type(fusion), fusion_num_layers(fusion)
+    layers = list(range(num_layers))
+
+    manifest = {
+        "status": "running",
+        "started": datetime.datetime.now().isoformat(timespec="seconds"),
+        "arguments": {k: v for k, v in cfg.items()},
+        "checkpoint": {"path": os.path.abspath(cfg.model_path), "sha256": file_sha256(cfg.model_path),
+                       "load_report": load_report},
+        "data": {"path": os.path.abspath(cfg.data_path), "sha256": file_sha256(cfg.data_path),
+                 "feature_dirs": dirs, "n_records": len(records), "n_queries": len(dataset),
+                 "skipped_missing_features": [list(map(str, s)) for s in getattr(dataset, "skipped", [])]},
+        "model": {"layout": model.layout, "gating_type": gating_type, "fusion_layers": num_layers,
+                  "hidden_dim": model.hidden_dim},
+        "batching": {"policy": cfg.batching or "query", "n_batches": len(batches),
+                     "batch_size": max(len(b) for b in batches)},
+        "environment": {"torch": torch.__version__, "python": platform.python_version(), "device": str(device)},
+    }
+    run_json = os.path.join(out, RUN_FILE)
+    _write_run_json(run_json, manifest)
+
+    meta = {r["qid"]: r for r in dataset.records}
+    writer = GateStoreWriter(out, gating_type, num_layers, hidden_dim=model.hidden_dim,
+                             extra_meta={"model_path": os.path.abspath(cfg.model_path)})
+    acc = GateStatsAccumulator(gating_type, layers, kinds=GATE_KINDS)
+
+    def sink(gate_records):
+        for rec in gate_records:
+            vid = meta[rec.sample_id]["vid"]
+            writer.add(rec.sample_id, vid, rec.gates)
+            acc.update(rec.sample_id, rec.gates, vid=vid)
+
+    lines, loop_stats = [], {}
+    recorder = GateRecorder(fusion, sink)
+    with recorder:
+        for metas, inputs, outputs in iterate_batches(
+                model, dataset, batches, device, num_workers=cfg.num_workers or 0, progress=progress,
+                desc="gate analysis", before_forward=lambda metas, _: recorder.set_ids([m["qid"] for m in metas]),
+                suspend=recorder.paused, stats=loop_stats):
+            lines.extend(submission_lines(metas, outputs, inputs["src_vid_mask"]))
+            writer.flush()
+    writer.close()
+
+    order = {r["qid"]: i for i, r in enumerate(dataset.records)}
+    lines.sort(key=lambda line: order[line["qid"]])
+    write_jsonl(os.path.join(out, PREDICTIONS_FILE), lines)
+    metrics = evaluate(lines, dataset.records)
+    if metrics is not None:
+        write_json(os.path.join(out, METRICS_FILE), metrics)
+    csvs = write_stats_csvs(acc, out, top_n=cfg.top_n or 10)
+
+    plot_paths = []
+    if not cfg.no_plots:
+        from .plots import plot_all
+        compare = cfg.compare_samples
+        if compare is not None and len(compare) == 0:
+            compare = None  # plot_all picks the top and bottom queries
+        missing = [q for q in (compare or []) if q not in order]
+        if missing:
+            raise ConfigError(f"--compare_samples: qid(s) {missing} are not in {cfg.data_path}")
+        plot_paths = plot_all(acc, load_gate_run(out), out, compare_qids=compare)
+
+    layer_table = acc.layer_stats()
+    manifest.update({
+        "status": "complete",
+        "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+        "seconds": round(time.time() - t0, 2),
+        "counts": {"queries": len(lines), "gate_arrays": len(lines) * num_layers * len(GATE_KINDS),
+                   "skipped": len(getattr(dataset, "skipped", [])),
+                   "exact_reruns": loop_stats.get("exact_reruns", 0)},
+        "metrics_brief": (metrics or {}).get("brief"),
+        "has_labels": all(has_labels(r) for r in dataset.records),
+        "files": {"predictions": PREDICTIONS_FILE, "metrics": METRICS_FILE if metrics else None,
+                  "gates": "gates/", "csv": {k: os.path.relpath(v, out) for k, v in csvs.items()},
+                  "plots": [os.path.relpath(p, out) for p in plot_paths]},
+    })
+    _write_run_json(run_json, manifest)
+    summary = format_summary(manifest, layer_table, acc.rankings(n=min(5, cfg.top_n or 10)), out)
+    with open(os.path.join(out, "summary.txt"), "w") as fh:
+        fh.write(summary + "\n")
+    log(summary)
+    return manifest
+
+
+def format_summary(manifest, layer_table, rankings, out):
+    """Short human summary: per-layer mean/std of each gate, top/bottom queries, where files are."""
+    m = manifest["model"]
+    lines = [f"Gate analysis of {manifest['counts']['queries']} queries: {m['layout']} fusion, "
+             f"{m['gating_type']} gating, {m['fusion_layers']} layers ({manifest['batching']['policy']} batching)"]
+    q = layer_table[layer_table["weighting"] == "query"] if "weighting" in layer_table else layer_table
+    for _, row in q.iterrows():
+        lines.append(f"  {row['name']:<18} mean {row['mean']:+.4f}  std {row['std']:.4f}  (over per-query means)")
+    if manifest.get("metrics_brief"):
+        b = manifest["metrics_brief"]
+        lines.append("  metrics: " + ", ".join(f"{k} {b[k]}" for k in ("MR-full-mAP", "MR-full-R1@0.5",
+                                                                         "HL-min-VeryGood-mAP") if k in b))
+    if rankings is not None and len(rankings):
+        overall = rankings[rankings["layer"].astype(str) == "all"]
+        for kind in GATE_KINDS:
+            sel = overall[overall["gate"] == kind]
+            for rank_type in ("top", "bottom"):
+                qids = sel[sel["rank_type"] == rank_type]["qid"].tolist()
+                if qids:
+                    lines.append(f"  {rank_type} queries by mean {kind} gate (all layers): {qids}")
+    lines.append(f"  outputs in {out}: run.json, {PREDICTIONS_FILE}, gate_*.csv, gates/, plots/")
+    return "\n".join(lines)

@@ -1,0 +1,64 @@
+"""Public face of the gate-analysis library.
+
+    from gate_analysis_utils import GateAnalyzer, load_gate_run
+
+    fusion = model.avigate_fusion
+    fusion.enable_gate_tracking()
+    for qids, batch in my_batches:
+        fusion.set_current_sample_id(qids)        # one id per batch element
+        model(**batch)
+    GateAnalyzer(fusion).analyze_all_samples("out/my_analysis")   # CSVs, plots, raw gates
+
+    run = load_gate_run("out/my_analysis")        # or any run_gate_analysis.py output folder
+    run.gate(qid, layer=0, kind="mha")            # global (1,), clipwise (T,), elementwise (T, D)
+    run.frame()                                   # tidy pandas view
+"""
+import os
+
+from gate_analysis.stats import CSV_COLUMNS, GateStatsAccumulator, write_stats_csvs
+from gate_analysis.store import GateRun, GateStoreWriter, load_gate_run
+from qd_detr.gates import GATE_KINDS, fusion_gating_type, fusion_num_layers
+
+__all__ = ["GateAnalyzer", "load_gate_run", "GateRun", "GateStatsAccumulator", "write_stats_csvs", "CSV_COLUMNS"]
+
+
+class GateAnalyzer:
+    """Analyse what a fusion module's gate tracking recorded (``fusion.gate_history``).
+
+    Sample ids that are all integers (QVHighlights qids) are kept; otherwise samples are numbered
+    0..N-1 in recording order and the original ids are kept as the ``vid`` column.
+    """
+
+    def __init__(self, fusion_module):
+        self.fusion = fusion_module
+        self.gating_type = fusion_gating_type(fusion_module)
+        self.layers = list(range(fusion_num_layers(fusion_module)))
+
+    def _records(self):
+        records = list(getattr(self.fusion, "gate_history", {}).values())
+        if not records:
+            raise ValueError("no gates recorded: call enable_gate_tracking() and run the model first")
+        return records
+
+    def _keyed(self):
+        records = self._records()
+        integer = all(isinstance(r.sample_id, int) and not isinstance(r.sample_id, bool) for r in records)
+        for i, rec in enumerate(records):
+            yield (rec.sample_id, "", rec) if integer else (i, str(rec.sample_id), rec)
+
+    def analyze_all_samples(self, output_dir, top_n=10, plots=True, compare_qids=None):
+        """Write raw gates (gates/), gate_*.csv and plots/ into ``output_dir``; return the paths."""
+        os.makedirs(output_dir, exist_ok=True)
+        writer = GateStoreWriter(output_dir, self.gating_type, len(self.layers),
+                                 hidden_dim=getattr(self.fusion, "hidden_dim", None))
+        acc = GateStatsAccumulator(self.gating_type, self.layers, kinds=GATE_KINDS)
+        for qid, vid, rec in self._keyed():
+            writer.add(qid, vid, rec.gates)
+            acc.update(qid, rec.gates, vid=vid)
+        writer.close()
+        paths = {"gates": os.path.join(output_dir, "gates")}
+        paths.update(write_stats_csvs(acc, output_dir, top_n=top_n))
+        if plots:
+            from gate_analysis.plots import plot_all
+            paths["plots"] = plot_all(acc, load_gate_run(output_dir), output_dir, compare_qids=compare_qids)
+        return paths
