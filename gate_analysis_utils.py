@@ -46,15 +46,16 @@ class GateAnalyzer:
         for i, rec in enumerate(records):
             yield (rec.sample_id, "", rec) if integer else (i, str(rec.sample_id), rec)
 
-    def analyze_all_samples(self, output_dir, top_n=10, plots=True, compare_qids=None):
-        """Write raw gates (gates/), gate_*.csv and plots/ into ``output_dir``; return the paths."""
+    def analyze_all_samples(self, output_dir, top_n=10, plots=True, compare_qids=None, overwrite=False):
+        """Write raw gates (gates/), gate_*.csv and plots/ into ``output_dir``; return the paths.
+        An earlier analysis in ``output_dir`` is replaced only with ``overwrite=True``."""
         os.makedirs(output_dir, exist_ok=True)
-        writer = GateStoreWriter(output_dir, self.gating_type, len(self.layers),
+        writer = GateStoreWriter(output_dir, self.gating_type, len(self.layers), overwrite=overwrite,
                                  hidden_dim=getattr(self.fusion, "hidden_dim", None))
         acc = GateStatsAccumulator(self.gating_type, self.layers, kinds=GATE_KINDS)
         for qid, vid, rec in self._keyed():
-            writer.add(qid, vid, rec.gates)
-            acc.update(qid, rec.gates, vid=vid)
+            writer.add(qid, vid, rec.gates, n_clips=rec.n_clips)
+            acc.update(qid, rec.gates, vid=vid, n_clips=rec.n_clips)
         writer.close()
         paths = {"gates": os.path.join(output_dir, "gates")}
         paths.update(write_stats_csvs(acc, output_dir, top_n=top_n))

@@ -1,0 +1,651 @@
+"""Streamed statistics of fusion gates: per query, per layer, per clip position, per feature dim,
+exact fixed-bin histograms and rankings of queries.
+
+``GateStatsAccumulator.update(qid, gates)`` is called once per query (e.g. from the recorder's sink
+or while reading a gate store). It keeps only summaries whose size does not depend on the raw gate
+arrays: fixed-bin integer histograms, float64 running sums (count, sum, sum of squares), per-clip-
+position and per-dim sums, and one row of summary statistics per query x layer x gate (the
+per-query table grows by ``G * 14`` float64 per query, G = layers * kinds, independent of T and D).
+Accumulators are mergeable (``merge``) so shards, runs or epochs can be combined exactly.
+
+Conventions
+- A gate is ``(layer, kind)`` with the dotted name ``layers.{layer}.gate_{kind}``.
+- Standard deviations are population std (ddof=0) everywhere, computed from float64 sums of the
+  float32 values (count, sum, sum of squares), which is also what makes them mergeable.
+- Percentiles use numpy's default "linear" interpolation (``np.percentile``).
+- Thresholds (configurable): positive ``g > +0.1``, negative ``g < -0.1``, near zero ``|g| <= 0.1``,
+  saturated ``|g| > 0.95``.
+- Histograms: ``bins`` equal bins over ``value_range`` (default [-1, 1]; a dict ``{kind: (lo, hi)}``
+  gives each gate kind its own range, e.g. v2 ``{"mha": (0, scale), "ffn": (-alpha, alpha)}``); every
+  value goes to exactly one bin as ``np.histogram(values, bins, range=value_range)`` would put it (the
+  last bin includes its right edge). Values below/above the range are counted as underflow/overflow
+  and NaN values as nan, never clipped.
+- "query"-weighted layer statistics treat every query alike (statistics of the per-query means);
+  "clip"-weighted statistics pool every gate value (a long video weighs more). For per-query gating
+  (global) both pool one value per query, so they only differ in how std/min/max are defined.
+"""
+import math
+import os
+
+import numpy as np
+import pandas as pd
+
+from .store import (GATE_KINDS, PER_CLIP_GATING_TYPES, _as_qid, _check_gating_type, _validate_gates,
+                    atomic_write_csv, gate_name)
+
+__all__ = ["GateStatsAccumulator", "write_stats_csvs", "CSV_COLUMNS", "CSV_FILES", "QUERY_STAT_NAMES",
+           "accumulate_gate_run"]
+
+QUERY_STAT_NAMES = ("count", "mean", "std", "min", "p5", "p25", "median", "p75", "p95", "max",
+                    "frac_positive", "frac_negative", "frac_near_zero", "frac_saturated")
+_PCTS = (0.0, 5.0, 25.0, 50.0, 75.0, 95.0, 100.0)  # min, p5, p25, median, p75, p95, max in one call
+_FRACS = ("frac_positive", "frac_negative", "frac_near_zero", "frac_saturated")
+_ALL = "all"
+
+_ID = {"layer": "Fusion layer index (0-based).",
+       "gate": "Gate kind: 'mha' scales the audio cross-attention branch, 'ffn' scales the FFN branch.",
+       "name": "Dotted gate name 'layers.{layer}.gate_{gate}', as in code and plot titles."}
+_FRAC_DOC = {
+    "frac_positive": "Fraction of values above the positive threshold (default g > +0.1: audio added).",
+    "frac_negative": "Fraction of values below the negative threshold (default g < -0.1: audio suppressed).",
+    "frac_near_zero": "Fraction of values with |g| <= the near-zero threshold (default 0.1: audio ignored).",
+    "frac_saturated": "Fraction of values with |g| above the saturation threshold (default 0.95).",
+}
+
+#: Every CSV written by ``write_stats_csvs``: {file name: {column: one-sentence description}}.
+CSV_COLUMNS = {
+    "gate_stats_per_query.csv": {
+        "qid": "QVHighlights query id.",
+        "vid": "Video id of the query ('' when unknown).",
+        **_ID,
+        "n_clips": "Valid (unpadded) clips T of the query; -1 when unknown (per-query gating without n_clips).",
+        "count": "Number of gate values of this query and gate (1 global, T clipwise, T*D elementwise).",
+        "mean": "Mean of the query's gate values.",
+        "std": "Population standard deviation (ddof=0) of the query's gate values.",
+        "min": "Minimum gate value.",
+        "p5": "5th percentile (numpy 'linear' interpolation).",
+        "p25": "25th percentile (numpy 'linear' interpolation).",
+        "median": "Median (50th percentile).",
+        "p75": "75th percentile (numpy 'linear' interpolation).",
+        "p95": "95th percentile (numpy 'linear' interpolation).",
+        "max": "Maximum gate value.",
+        **_FRAC_DOC,
+    },
+    "gate_stats_per_layer.csv": {
+        **_ID,
+        "weighting": "'query': statistics of the per-query means (each query counts once); "
+                     "'clip': statistics over all gate values pooled (long videos weigh more).",
+        "n_queries": "Number of queries accumulated.",
+        "n_values": "Number of pooled gate values (for 'query' rows the same pool, given for reference).",
+        "mean": "'query': mean of per-query means; 'clip': mean of all values.",
+        "std": "Population std (ddof=0): 'query' of the per-query means, 'clip' of all values.",
+        "min": "'query': smallest per-query mean; 'clip': smallest value.",
+        "max": "'query': largest per-query mean; 'clip': largest value.",
+        "frac_positive": "'query': mean over queries of the per-query fraction; 'clip': fraction of all values; "
+                         "above the positive threshold (default +0.1).",
+        "frac_negative": "As frac_positive, below the negative threshold (default -0.1).",
+        "frac_near_zero": "As frac_positive, |g| <= the near-zero threshold (default 0.1).",
+        "frac_saturated": "As frac_positive, |g| above the saturation threshold (default 0.95).",
+        "n_underflow": "Values below the gate kind's histogram range lo (all queries; still included in the "
+                       "statistics above, never clipped).",
+        "n_overflow": "Values above the gate kind's histogram range hi (all queries; still included in the "
+                      "statistics above, never clipped).",
+    },
+    "gate_histograms.csv": {
+        **_ID,
+        "bin_type": "'bin' for the fixed bins over value_range, 'underflow' (< range), 'overflow' (> range), "
+                    "'nan' (NaN values).",
+        "bin_left": "Left bin edge (inclusive); -inf for underflow, empty for nan.",
+        "bin_right": "Right bin edge (exclusive except for the last bin, as np.histogram); +inf for overflow.",
+        "count": "Exact integer number of gate values in the bin over all queries and clips (and dims).",
+    },
+    "gate_stats_per_clip_position.csv": {
+        **_ID,
+        "clip": "Clip index t (0-based, 2 s per clip in QVHighlights); header only for per-query gating.",
+        "n_queries": "Number of queries having a valid clip t.",
+        "n_values": "Number of values at clip t (n_queries clipwise; n_queries * D elementwise).",
+        "mean": "Mean gate value at clip t over those queries (and dims).",
+        "std": "Population std (ddof=0) over the same values.",
+        "min": "Smallest value at clip t.",
+        "max": "Largest value at clip t.",
+    },
+    "gate_stats_per_dim.csv": {
+        **_ID,
+        "dim": "Feature dimension index d (elementwise gating only; header only otherwise).",
+        "n_values": "Number of values in dim d (all valid clips of all queries).",
+        "mean": "Mean gate value of dim d.",
+        "std": "Population std (ddof=0) of dim d.",
+        "min": "Smallest value of dim d.",
+        "max": "Largest value of dim d.",
+    },
+    "gate_rankings.csv": {
+        "layer": "Fusion layer index, or 'all' for the query's mean over all layers (each layer weighted "
+                 "equally; MHA and FFN are never mixed).",
+        "gate": _ID["gate"],
+        "name": "Dotted gate name 'layers.{layer}.gate_{gate}' ('layers.all.gate_{gate}' for all layers).",
+        "rank_type": "'top' (highest mean gate first) or 'bottom' (lowest first). With N queries, top has "
+                     "min(n, ceil(N/2)) and bottom min(n, N - top) rows, so they never overlap.",
+        "rank": "1-based rank within rank_type (ties broken by recorded order).",
+        "qid": "QVHighlights query id.",
+        "vid": "Video id of the query.",
+        "mean": "Mean gate value of the query (over clips and dims; over layers for 'all').",
+    },
+}
+#: Short key -> CSV file name, as returned by ``write_stats_csvs``.
+CSV_FILES = {
+    "per_query": "gate_stats_per_query.csv",
+    "per_layer": "gate_stats_per_layer.csv",
+    "histograms": "gate_histograms.csv",
+    "per_clip_position": "gate_stats_per_clip_position.csv",
+    "per_dim": "gate_stats_per_dim.csv",
+    "rankings": "gate_rankings.csv",
+}
+
+
+def _round32(values, up):
+    """Round float64 values to the nearest float32 above (``up``) or below."""
+    v = np.asarray(values, dtype=np.float64)
+    f = v.astype(np.float32)
+    step = np.float32(np.inf if up else -np.inf)
+    off = (f.astype(np.float64) < v) if up else (f.astype(np.float64) > v)
+    return np.where(off, np.nextafter(f, step), f).astype(np.float32)
+
+
+def _empty(file_name):
+    return pd.DataFrame({c: pd.Series(dtype=object) for c in CSV_COLUMNS[file_name]})
+
+
+class GateStatsAccumulator:
+    """Streamed gate statistics (see the module docstring).
+
+    Args:
+        gating_type: "global" | "clipwise" | "elementwise" (also "legacy": one gate per query).
+        layers: list of layer indices, or an int n for ``range(n)``.
+        kinds: gate kinds per layer.
+        bins, value_range: fixed histogram bins over ``value_range``: ``(lo, hi)`` for every gate, or
+            ``{kind: (lo, hi)}`` per gate kind (v2 models: MHA in (0, scale), FFN in [-alpha, alpha]).
+        pos_threshold, neg_threshold, near_zero_threshold, saturation_threshold: fraction thresholds
+            (``g > pos``, ``g < neg``, ``|g| <= near_zero``, ``|g| > saturation``).
+        hidden_dim: feature dims D of elementwise gates (inferred from the first query when None).
+    """
+
+    def __init__(self, gating_type, layers, kinds=GATE_KINDS, bins=200, value_range=(-1.0, 1.0),
+                 pos_threshold=0.1, neg_threshold=-0.1, near_zero_threshold=0.1, saturation_threshold=0.95,
+                 hidden_dim=None):
+        self.gating_type = _check_gating_type(gating_type)
+        self.layers = list(range(layers)) if isinstance(layers, (int, np.integer)) else [int(l) for l in layers]
+        self.kinds = tuple(kinds)
+        self.keys = [(l, k) for l in self.layers for k in self.kinds]  # row order of every (G, ...) array
+        self.bins = int(bins)
+        if self.bins < 1:
+            raise ValueError(f"need bins >= 1, got {bins}")
+        per_kind = value_range if isinstance(value_range, dict) else {k: value_range for k in self.kinds}
+        if set(per_kind) != set(self.kinds):
+            raise ValueError(f"value_range dict must have one (lo, hi) per kind {list(self.kinds)}, got {value_range}")
+        self.value_ranges = {}
+        for kind in self.kinds:
+            lo, hi = float(per_kind[kind][0]), float(per_kind[kind][1])  # python floats, as np.histogram
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+                raise ValueError(f"value_range for {kind!r} must be finite with lo < hi, got {per_kind[kind]}")
+            self.value_ranges[kind] = (lo, hi)
+        ranges = set(self.value_ranges.values())
+        #: (lo, hi) when every kind has the same range, else {kind: (lo, hi)}; plots accept both
+        self.value_range = next(iter(ranges)) if len(ranges) == 1 else dict(self.value_ranges)
+        self.pos_threshold = float(pos_threshold)
+        self.neg_threshold = float(neg_threshold)
+        self.near_zero_threshold = float(near_zero_threshold)
+        self.saturation_threshold = float(saturation_threshold)
+        self.hidden_dim = None if hidden_dim is None else int(hidden_dim)
+        self._points = None
+        g = len(self.keys)
+        # exact histograms: columns 0..bins-1 bins, bins underflow, bins+1 overflow, bins+2 nan
+        self._hist = np.zeros((g, self.bins + 3), dtype=np.int64)
+        # clip-weighted (all values) running sums
+        self._n = np.zeros(g, dtype=np.int64)
+        self._sum = np.zeros(g)
+        self._sumsq = np.zeros(g)
+        self._min = np.full(g, np.inf)
+        self._max = np.full(g, -np.inf)
+        self._frac_counts = np.zeros((g, 4), dtype=np.int64)  # positive, negative, near zero, saturated
+        # query-weighted running sums of per-query means and fractions
+        self._nq = 0
+        self._qsum = np.zeros(g)
+        self._qsumsq = np.zeros(g)
+        self._qmin = np.full(g, np.inf)
+        self._qmax = np.full(g, -np.inf)
+        self._qfrac_sum = np.zeros((g, 4))
+        # per clip position (grows to the longest T seen, never with the number of queries)
+        self._pos_nq = np.zeros(0, dtype=np.int64)
+        self._pos_nv = np.zeros(0, dtype=np.int64)
+        self._pos_sum = np.zeros((g, 0))
+        self._pos_sumsq = np.zeros((g, 0))
+        self._pos_min = np.zeros((g, 0))
+        self._pos_max = np.zeros((g, 0))
+        # per feature dim (elementwise)
+        self._dim_n = 0
+        self._dim_sum = self._dim_sumsq = self._dim_min = self._dim_max = None
+        # per-query summary table: (capacity, G, len(QUERY_STAT_NAMES)) float64
+        self._rows = np.zeros((0, g, len(QUERY_STAT_NAMES)))
+        self._row_qids = np.zeros(0, dtype=np.int64)
+        self._row_nclips = np.zeros(0, dtype=np.int64)
+        self._row_vids = []
+        self._n_rows = 0
+
+    # -- accumulation ----------------------------------------------------------------------------
+    @property
+    def n_queries(self):
+        return self._n_rows
+
+    def _config(self):
+        return (self.gating_type, tuple(self.layers), self.kinds, self.bins, tuple(self.value_ranges.items()),
+                self.pos_threshold, self.neg_threshold, self.near_zero_threshold, self.saturation_threshold)
+
+    def _grow_rows(self, need):
+        cap = self._rows.shape[0]
+        if need <= cap:
+            return
+        new = max(need, 2 * cap, 64)
+        rows = np.zeros((new,) + self._rows.shape[1:])
+        rows[:self._n_rows] = self._rows[:self._n_rows]
+        self._rows = rows
+        self._row_qids = np.concatenate([self._row_qids[:self._n_rows], np.zeros(new - self._n_rows, np.int64)])
+        self._row_nclips = np.concatenate([self._row_nclips[:self._n_rows],
+                                           np.zeros(new - self._n_rows, np.int64)])
+
+    def _grow_positions(self, t):
+        cur = self._pos_nq.size
+        if t <= cur:
+            return
+        extra = t - cur
+        g = len(self.keys)
+        self._pos_nq = np.concatenate([self._pos_nq, np.zeros(extra, np.int64)])
+        self._pos_nv = np.concatenate([self._pos_nv, np.zeros(extra, np.int64)])
+        self._pos_sum = np.concatenate([self._pos_sum, np.zeros((g, extra))], axis=1)
+        self._pos_sumsq = np.concatenate([self._pos_sumsq, np.zeros((g, extra))], axis=1)
+        self._pos_min = np.concatenate([self._pos_min, np.full((g, extra), np.inf)], axis=1)
+        self._pos_max = np.concatenate([self._pos_max, np.full((g, extra), -np.inf)], axis=1)
+
+    def _init_dims(self, d):
+        g = len(self.keys)
+        self.hidden_dim = d
+        self._dim_sum = np.zeros((g, d))
+        self._dim_sumsq = np.zeros((g, d))
+        self._dim_min = np.full((g, d), np.inf)
+        self._dim_max = np.full((g, d), -np.inf)
+
+    def _search_points(self):
+        """Per gate row g: float32 points searched in its sorted float32 row: the histogram edges
+        np.histogram uses for float32 input (``np.linspace(lo, hi, bins + 1, dtype=float32)``) and the
+        thresholds, rounded so that float32 comparisons equal the exact ones (``x < v`` <=>
+        ``x < ceil32(v)``, ``x <= v`` <=> ``x <= floor32(v)`` for float32 x)."""
+        if self._points is None:
+            z, s = self.near_zero_threshold, self.saturation_threshold
+            thr_left = _round32([self.neg_threshold, -z, -s], up=True)
+            thr_right = _round32([self.pos_threshold, z, s], up=False)
+            by_kind = {}
+            for kind, (lo, hi) in self.value_ranges.items():
+                edges = np.linspace(lo, hi, self.bins + 1, endpoint=True, dtype=np.float32)
+                # side="left" -> number of values < v; side="right" -> number of values <= v
+                by_kind[kind] = (np.concatenate([edges, thr_left]), np.concatenate([edges[-1:], thr_right]))
+            self._points = [by_kind[k] for _, k in self.keys]
+        return self._points
+
+    def update(self, qid, gates, vid=None, n_clips=None):
+        """Add one query. ``gates``: {(layer, kind): array} with global (1,), clipwise (T,) or
+        elementwise (T, D) float32 arrays, padding excluded. ``n_clips`` is only needed for per-query
+        gating (the gates do not reveal T).
+
+        Vectorised over layers x kinds: the G = layers*kinds arrays are stacked to [G, n], sorted once
+        per row (percentiles, min/max, fractions and exact histogram counts are then read off the
+        sorted rows with ``np.searchsorted``), and sums are numpy reductions. NaN values propagate
+        into mean/std/percentiles of their query and are counted in the histogram's "nan" row."""
+        qid = _as_qid(qid)
+        checked, t, self.hidden_dim = _validate_gates(gates, self.gating_type, self.layers, self.kinds,
+                                                      self.hidden_dim, f"qid {qid}")
+        if t is None:
+            t = -1 if n_clips is None else int(n_clips)
+        g = len(self.keys)
+        x = np.stack([checked[k] for k in self.keys]).reshape(g, -1)  # [G, n] float32, n = 1 | T | T*D
+        n = x.shape[1]
+        row = np.full((g, len(QUERY_STAT_NAMES)), np.nan)
+        row[:, 0] = n
+        if n:
+            with np.errstate(invalid="ignore", over="ignore"):
+                self._update_values(x, t, row)
+        self._grow_rows(self._n_rows + 1)
+        self._rows[self._n_rows] = row
+        self._row_qids[self._n_rows] = int(qid)
+        self._row_nclips[self._n_rows] = t
+        self._row_vids.append("" if vid is None else str(vid))
+        self._n_rows += 1
+        return self
+
+    def _update_values(self, x, t, row):
+        g, n = x.shape
+        # float64 accumulation straight from float32 (no full-size float64 temporaries)
+        f64 = np.float64
+        s = x.sum(axis=1, dtype=f64)
+        ss = np.einsum("gn,gn->g", x, x, dtype=f64)
+        mean = s / n
+        row[:, 1] = mean
+        # population std (ddof=0) from float64 sums; exact products of float32 values, so the
+        # cancellation error (~1e-16 absolute in the variance) is far below float32 resolution
+        row[:, 2] = np.sqrt(np.maximum(ss / n - mean * mean, 0.0))
+        self._n += n
+        self._sum += s
+        self._sumsq += ss
+        if self.gating_type in PER_CLIP_GATING_TYPES:
+            d = n // t
+            x3 = x.reshape(g, t, d)  # [G, T, D] (D = 1 clipwise)
+            self._grow_positions(t)
+            self._pos_nq[:t] += 1
+            self._pos_nv[:t] += d
+            self._pos_sum[:, :t] += x3.sum(axis=2, dtype=f64)
+            self._pos_sumsq[:, :t] += np.einsum("gtd,gtd->gt", x3, x3, dtype=f64)
+            self._pos_min[:, :t] = np.minimum(self._pos_min[:, :t], x3.min(axis=2))
+            self._pos_max[:, :t] = np.maximum(self._pos_max[:, :t], x3.max(axis=2))
+            if self.gating_type == "elementwise":
+                if self._dim_sum is None:
+                    self._init_dims(d)
+                self._dim_n += t
+                self._dim_sum += x3.sum(axis=1, dtype=f64)
+                self._dim_sumsq += np.einsum("gtd,gtd->gd", x3, x3, dtype=f64)
+                self._dim_min = np.minimum(self._dim_min, x3.min(axis=1))
+                self._dim_max = np.maximum(self._dim_max, x3.max(axis=1))
+        # order statistics: sort each float32 row once (NaN last); interpolate in float64
+        x.sort(axis=1)
+        n_nan = np.isnan(x[:, -1]).astype(np.int64)
+        if n_nan.any():
+            n_nan = np.count_nonzero(np.isnan(x), axis=1)
+        # percentiles exactly as np.percentile(..., method="linear") on the float64 values
+        vi = (n - 1) * (np.asarray(_PCTS) / 100.0)
+        lo_i = np.floor(vi).astype(np.intp)
+        hi_i = np.minimum(lo_i + 1, n - 1)
+        gamma = vi - lo_i
+        a, b = x[:, lo_i].astype(np.float64), x[:, hi_i].astype(np.float64)
+        diff = b - a
+        pct = np.where(gamma >= 0.5, b - diff * (1 - gamma), a + diff * gamma)  # numpy's _lerp
+        pct[n_nan > 0] = np.nan
+        row[:, 3:10] = pct
+        # exact histogram counts and threshold fractions from the sorted rows
+        points = self._search_points()
+        nb = self.bins
+        left = np.stack([r.searchsorted(p[0], side="left") for r, p in zip(x, points)])   # [G, bins+1+3]: # < v
+        right = np.stack([r.searchsorted(p[1], side="right") for r, p in zip(x, points)])  # [G, 4]: # <= v
+        n_valid = n - n_nan
+        hist = np.empty((g, nb + 3), dtype=np.int64)
+        hist[:, :nb - 1] = np.diff(left[:, :nb], axis=1)      # [e_i, e_i+1)
+        hist[:, nb - 1] = right[:, 0] - left[:, nb - 1]       # last bin includes its right edge
+        hist[:, nb] = left[:, 0]                              # underflow: x < lo
+        hist[:, nb + 1] = n_valid - right[:, 0]               # overflow: x > hi
+        hist[:, nb + 2] = n_nan
+        self._hist += hist
+        counts = np.stack([n_valid - right[:, 1],                                   # x > pos
+                           left[:, nb + 1],                                         # x < neg
+                           right[:, 2] - left[:, nb + 2],                           # -z <= x <= z
+                           (n_valid - right[:, 3]) + left[:, nb + 3]], axis=1)      # |x| > s
+        fracs = counts / n
+        row[:, 10:14] = fracs
+        self._min = np.minimum(self._min, pct[:, 0])
+        self._max = np.maximum(self._max, pct[:, -1])
+        self._frac_counts += counts
+        # query-weighted sums (queries with no values are skipped)
+        self._nq += 1
+        self._qsum += mean
+        self._qsumsq += mean * mean
+        self._qmin = np.minimum(self._qmin, mean)
+        self._qmax = np.maximum(self._qmax, mean)
+        self._qfrac_sum += fracs
+
+    def merge(self, other):
+        """Add everything ``other`` accumulated into ``self`` (exact for counts and histograms; sums are
+        float64 additions). Query rows are concatenated (self's first). Returns ``self``."""
+        if not isinstance(other, GateStatsAccumulator):
+            raise TypeError(f"can only merge a GateStatsAccumulator, got {type(other).__name__}")
+        if self._config() != other._config():
+            raise ValueError(f"cannot merge accumulators with different settings: {self._config()} vs "
+                             f"{other._config()}")
+        if self.hidden_dim is not None and other.hidden_dim is not None and self.hidden_dim != other.hidden_dim:
+            raise ValueError(f"cannot merge elementwise accumulators with hidden_dim {self.hidden_dim} and "
+                             f"{other.hidden_dim}")
+        self._hist += other._hist
+        self._n += other._n
+        self._sum += other._sum
+        self._sumsq += other._sumsq
+        self._min = np.minimum(self._min, other._min)
+        self._max = np.maximum(self._max, other._max)
+        self._frac_counts += other._frac_counts
+        self._nq += other._nq
+        self._qsum += other._qsum
+        self._qsumsq += other._qsumsq
+        self._qmin = np.minimum(self._qmin, other._qmin)
+        self._qmax = np.maximum(self._qmax, other._qmax)
+        self._qfrac_sum += other._qfrac_sum
+        t = other._pos_nq.size
+        self._grow_positions(t)
+        self._pos_nq[:t] += other._pos_nq
+        self._pos_nv[:t] += other._pos_nv
+        self._pos_sum[:, :t] += other._pos_sum
+        self._pos_sumsq[:, :t] += other._pos_sumsq
+        self._pos_min[:, :t] = np.minimum(self._pos_min[:, :t], other._pos_min)
+        self._pos_max[:, :t] = np.maximum(self._pos_max[:, :t], other._pos_max)
+        if other._dim_sum is not None:
+            if self._dim_sum is None:
+                self._init_dims(other.hidden_dim)
+            self._dim_n += other._dim_n
+            self._dim_sum += other._dim_sum
+            self._dim_sumsq += other._dim_sumsq
+            self._dim_min = np.minimum(self._dim_min, other._dim_min)
+            self._dim_max = np.maximum(self._dim_max, other._dim_max)
+        k = other._n_rows
+        self._grow_rows(self._n_rows + k)
+        self._rows[self._n_rows:self._n_rows + k] = other._rows[:k]
+        self._row_qids[self._n_rows:self._n_rows + k] = other._row_qids[:k]
+        self._row_nclips[self._n_rows:self._n_rows + k] = other._row_nclips[:k]
+        self._row_vids.extend(other._row_vids)
+        self._n_rows += k
+        return self
+
+    @classmethod
+    def from_gate_run(cls, run, qids=None, **kwargs):
+        """Accumulate every query of a ``GateRun`` (settings from the run; ``kwargs`` override bins,
+        value_range and thresholds)."""
+        acc = cls(run.gating_type, run.layers, kinds=run.kinds, hidden_dim=run.hidden_dim, **kwargs)
+        for qid, vid, gates in run.iter_queries(qids):
+            acc.update(qid, gates, vid=vid, n_clips=run.n_clips.get(qid, -1))
+        return acc
+
+    def state_nbytes(self):
+        """Bytes held: {"aggregates": histograms and sums (independent of the number of queries),
+        "per_query": the per-query summary table (grows by G * 14 float64 per query, never with T or D)}."""
+        per_query = {"_rows", "_row_qids", "_row_nclips"}
+        agg = sum(v.nbytes for k, v in vars(self).items() if isinstance(v, np.ndarray) and k not in per_query)
+        return {"aggregates": int(agg),
+                "per_query": int(sum(getattr(self, k).nbytes for k in per_query))}
+
+    # -- results ---------------------------------------------------------------------------------
+    def _id_frame(self, repeat=1):
+        layers = np.repeat([l for l, _ in self.keys], repeat)
+        kinds = np.repeat([k for _, k in self.keys], repeat)
+        return pd.DataFrame({"layer": layers.astype(np.int64), "gate": kinds.astype(str),
+                             "name": np.repeat([gate_name(*k) for k in self.keys], repeat).astype(str)})
+
+    def query_stats(self):
+        """One row per query x layer x gate: qid, vid, layer, gate, name, n_clips, count, mean, std
+        (ddof=0), min, p5, p25, median, p75, p95, max, frac_positive, frac_negative, frac_near_zero,
+        frac_saturated (see ``CSV_COLUMNS['gate_stats_per_query.csv']``)."""
+        nr, g = self._n_rows, len(self.keys)
+        if nr == 0:
+            return _empty("gate_stats_per_query.csv")
+        ids = self._id_frame()
+        df = pd.DataFrame({
+            "qid": np.repeat(self._row_qids[:nr], g),
+            "vid": np.repeat(np.array(self._row_vids, dtype=object), g).astype(str),
+            "layer": np.tile(ids["layer"].to_numpy(), nr),
+            "gate": np.tile(ids["gate"].to_numpy(dtype=object), nr).astype(str),
+            "name": np.tile(ids["name"].to_numpy(dtype=object), nr).astype(str),
+            "n_clips": np.repeat(self._row_nclips[:nr], g),
+        })
+        vals = self._rows[:nr].reshape(nr * g, -1)
+        for j, c in enumerate(QUERY_STAT_NAMES):
+            df[c] = vals[:, j]
+        df["count"] = df["count"].astype(np.int64)
+        return df
+
+    def layer_stats(self):
+        """Two rows per layer x gate (weighting "query" and "clip"); columns in
+        ``CSV_COLUMNS['gate_stats_per_layer.csv']``."""
+        if self._nq == 0:
+            return _empty("gate_stats_per_layer.csv")
+        with np.errstate(invalid="ignore", divide="ignore"):
+            nq = self._nq
+            qmean = self._qsum / nq
+            qstd = np.sqrt(np.maximum(self._qsumsq / nq - qmean ** 2, 0.0))
+            n = self._n
+            cmean = self._sum / n
+            cstd = np.sqrt(np.maximum(self._sumsq / n - cmean ** 2, 0.0))
+            cfrac = self._frac_counts / n[:, None]
+            qfrac = self._qfrac_sum / nq
+        frames = []
+        for weighting, mean, std, mn, mx, fr in (("query", qmean, qstd, self._qmin, self._qmax, qfrac),
+                                                 ("clip", cmean, cstd, self._min, self._max, cfrac)):
+            df = self._id_frame()
+            df["weighting"] = weighting
+            df["n_queries"] = np.int64(nq)
+            df["n_values"] = n.astype(np.int64)
+            df["mean"], df["std"] = mean, std
+            df["min"] = np.where(np.isfinite(mn), mn, np.nan)
+            df["max"] = np.where(np.isfinite(mx), mx, np.nan)
+            for j, c in enumerate(_FRACS):
+                df[c] = fr[:, j]
+            df["n_underflow"] = self._hist[:, self.bins]
+            df["n_overflow"] = self._hist[:, self.bins + 1]
+            df["_order"] = np.arange(len(df))
+            frames.append(df)
+        df = pd.concat(frames, ignore_index=True).sort_values(["_order", "weighting"], ascending=[True, False],
+                                                              kind="stable")
+        return df.drop(columns="_order").reset_index(drop=True)
+
+    def histograms(self):
+        """Exact fixed-bin histograms per layer x gate: ``bins`` rows of bin_type "bin", then one
+        "underflow", "overflow" and "nan" row each (see ``CSV_COLUMNS['gate_histograms.csv']``).
+        The counts of all rows of a gate sum to the number of values. Edges are reported as
+        ``np.linspace(lo, hi, bins + 1)`` (float64); values are binned exactly as np.histogram bins
+        float32 input (float32 edges, which differ from these by less than one float32 ulp)."""
+        nb = self.bins
+        lefts, rights = [], []
+        for _, kind in self.keys:
+            lo, hi = self.value_ranges[kind]
+            edges = np.linspace(lo, hi, nb + 1)
+            lefts.append(np.concatenate([edges[:-1], [-np.inf, hi, np.nan]]))
+            rights.append(np.concatenate([edges[1:], [lo, np.inf, np.nan]]))
+        types = np.array(["bin"] * nb + ["underflow", "overflow", "nan"], dtype=object)
+        g = len(self.keys)
+        df = self._id_frame(repeat=nb + 3)
+        df["bin_type"] = np.tile(types, g).astype(str)
+        df["bin_left"] = np.concatenate(lefts)
+        df["bin_right"] = np.concatenate(rights)
+        df["count"] = self._hist.reshape(-1)
+        return df
+
+    def clip_position_stats(self):
+        """Per layer x gate x clip index t: n_queries, n_values, mean, std (ddof=0), min, max over the
+        queries having clip t (and all dims). Empty (right columns) for per-query gating."""
+        t = self._pos_nq.size
+        if t == 0:
+            return _empty("gate_stats_per_clip_position.csv")
+        df = self._id_frame(repeat=t)
+        g = len(self.keys)
+        nv = np.tile(self._pos_nv, g).astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = self._pos_sum.reshape(-1) / nv
+            std = np.sqrt(np.maximum(self._pos_sumsq.reshape(-1) / nv - mean ** 2, 0.0))
+        df["clip"] = np.tile(np.arange(t), g)
+        df["n_queries"] = np.tile(self._pos_nq, g)
+        df["n_values"] = np.tile(self._pos_nv, g)
+        df["mean"], df["std"] = mean, std
+        df["min"], df["max"] = self._pos_min.reshape(-1), self._pos_max.reshape(-1)
+        return df
+
+    def dim_stats(self):
+        """Per layer x gate x feature dim (elementwise): n_values, mean, std (ddof=0), min, max over all
+        valid clips of all queries. Empty (right columns) otherwise."""
+        if self._dim_sum is None:
+            return _empty("gate_stats_per_dim.csv")
+        d = self.hidden_dim
+        g = len(self.keys)
+        df = self._id_frame(repeat=d)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = self._dim_sum.reshape(-1) / self._dim_n
+            std = np.sqrt(np.maximum(self._dim_sumsq.reshape(-1) / self._dim_n - mean ** 2, 0.0))
+        df["dim"] = np.tile(np.arange(d), g)
+        df["n_values"] = np.int64(self._dim_n)
+        df["mean"], df["std"] = mean, std
+        df["min"], df["max"] = self._dim_min.reshape(-1), self._dim_max.reshape(-1)
+        return df
+
+    def rankings(self, n=10):
+        """Top and bottom queries by mean gate, per layer x gate and per gate kind over all layers
+        (``layer == "all"``: the query's mean of its per-layer means; MHA and FFN ranked separately).
+
+        With N ranked queries (NaN means are skipped), "top" has ``min(n, ceil(N/2))`` rows and
+        "bottom" ``min(n, N - n_top)`` rows, taken from the two ends of one ordering (mean descending,
+        ties by recorded order), so a query is never both top and bottom."""
+        cols = list(CSV_COLUMNS["gate_rankings.csv"])
+        nr = self._n_rows
+        if nr == 0 or n < 1:
+            return _empty("gate_rankings.csv")
+        means = self._rows[:nr, :, QUERY_STAT_NAMES.index("mean")]  # [N, G]
+        vids = np.array(self._row_vids, dtype=object)
+        out = []
+
+        def rank(layer, kind, m):
+            valid = np.flatnonzero(~np.isnan(m))
+            order = valid[np.argsort(-m[valid], kind="stable")]
+            n_top = min(n, math.ceil(order.size / 2))
+            n_bot = min(n, order.size - n_top)
+            for rank_type, sel in (("top", order[:n_top]), ("bottom", order[::-1][:n_bot])):
+                for r, i in enumerate(sel, start=1):
+                    out.append((layer, kind, gate_name(layer, kind), rank_type, r, int(self._row_qids[i]),
+                                vids[i], float(m[i])))
+
+        for layer in self.layers:
+            for kind in self.kinds:
+                rank(layer, kind, means[:, self.keys.index((layer, kind))])
+        for kind in self.kinds:
+            idx = [self.keys.index((l, kind)) for l in self.layers]
+            rank(_ALL, kind, means[:, idx].mean(axis=1))
+        df = pd.DataFrame(out, columns=cols)
+        df["layer"] = df["layer"].astype(object)
+        df["vid"] = df["vid"].astype(str)
+        return df
+
+
+def accumulate_gate_run(run, qids=None, **kwargs):
+    """Shortcut for ``GateStatsAccumulator.from_gate_run``."""
+    return GateStatsAccumulator.from_gate_run(run, qids=qids, **kwargs)
+
+
+def write_stats_csvs(acc, output_dir, top_n=10):
+    """Write the six statistics CSVs into ``output_dir`` (created if needed), each atomically, floats
+    as ``%.9g`` (lossless for float32). Files are always written with the columns of ``CSV_COLUMNS``:
+    ``gate_stats_per_dim.csv`` is header-only unless gating is elementwise, and
+    ``gate_stats_per_clip_position.csv`` is header-only for per-query gating, so tools can rely on the
+    files existing. Returns {key: path} with the keys of ``CSV_FILES``."""
+    os.makedirs(output_dir, exist_ok=True)
+    frames = {
+        "per_query": acc.query_stats(),
+        "per_layer": acc.layer_stats(),
+        "histograms": acc.histograms(),
+        "per_clip_position": acc.clip_position_stats(),
+        "per_dim": acc.dim_stats(),
+        "rankings": acc.rankings(top_n),
+    }
+    paths = {}
+    for key, df in frames.items():
+        fname = CSV_FILES[key]
+        cols = list(CSV_COLUMNS[fname])
+        if list(df.columns) != cols:
+            raise AssertionError(f"{fname}: columns {list(df.columns)} differ from CSV_COLUMNS {cols}")
+        paths[key] = atomic_write_csv(df, os.path.join(output_dir, fname), float_format="%.9g")
+    return paths
