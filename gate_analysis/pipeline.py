@@ -101,15 +101,15 @@ def run_analysis(cfg, progress=True, log=print):
     _write_run_json(run_json, manifest)
 
     meta = {r["qid"]: r for r in dataset.records}
-    writer = GateStoreWriter(out, gating_type, num_layers, hidden_dim=model.hidden_dim,
+    writer = GateStoreWriter(out, gating_type, num_layers, hidden_dim=model.hidden_dim, overwrite=bool(cfg.overwrite),
                              extra_meta={"model_path": os.path.abspath(cfg.model_path)})
     acc = GateStatsAccumulator(gating_type, layers, kinds=GATE_KINDS)
 
     def sink(gate_records):
         for rec in gate_records:
             vid = meta[rec.sample_id]["vid"]
-            writer.add(rec.sample_id, vid, rec.gates)
-            acc.update(rec.sample_id, rec.gates, vid=vid)
+            writer.add(rec.sample_id, vid, rec.gates, n_clips=rec.n_clips)
+            acc.update(rec.sample_id, rec.gates, vid=vid, n_clips=rec.n_clips)
 
     lines, loop_stats = [], {}
     recorder = GateRecorder(fusion, sink)
