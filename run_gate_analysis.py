@@ -23,6 +23,9 @@ def get_args_parser():
     p.add_argument("--output_dir", default=None,
                    help="output folder (default: gate_analysis_results/<checkpoint>_<time>)")
     p.add_argument("--overwrite", action="store_true", help="replace the results in an existing output folder")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run in --output_dir from its last completed batch "
+                        "(same arguments; the final results equal an uninterrupted run)")
     p.add_argument("--legacy_model", action="store_true",
                    help="load through legacy_model_adapter (verifies that outputs are unchanged and "
                         "records the proof in run.json); numbers are identical either way")
@@ -52,7 +55,9 @@ def main(argv=None):
         stem = os.path.splitext(os.path.basename(args.model_path))[0]
         args.output_dir = os.path.join("gate_analysis_results",
                                        f"{stem}_{datetime.datetime.now():%Y%m%d_%H%M%S}")
-    args.output_dir = prepare_output_dir(args.output_dir, overwrite=args.overwrite)
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other: choose one")
+    args.output_dir = prepare_output_dir(args.output_dir, overwrite=args.overwrite or args.resume)
 
     from gate_analysis.pipeline import AnalysisConfig, run_analysis
     cfg = AnalysisConfig(vars(args))

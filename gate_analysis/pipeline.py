@@ -12,7 +12,7 @@ import datetime
 import json
 import os
 import platform
-import sys
+import shutil
 import time
 
 import torch
@@ -26,11 +26,12 @@ from qd_detr.model import NoFusionError
 from qd_detr.postprocess import submission_lines, write_json, write_jsonl
 
 from .stats import GateStatsAccumulator, write_stats_csvs
-from .store import GateStoreWriter, load_gate_run
+from .store import GateStoreWriter, iter_shard_queries, load_gate_run
 
 __all__ = ["AnalysisConfig", "run_analysis", "load_model_for_analysis", "PREDICTIONS_FILE", "METRICS_FILE"]
 
 PREDICTIONS_FILE = "predictions.jsonl"
+PARTIAL_PREDICTIONS_FILE = "predictions.partial.jsonl"
 METRICS_FILE = "predictions_metrics.json"
 RUN_FILE = "run.json"
 
@@ -60,6 +61,59 @@ def load_model_for_analysis(cfg):
 
 def _write_run_json(path, manifest):
     write_json(path, manifest)
+
+
+# Files a run writes (removed before a fresh run into an --overwrite folder, so nothing stale remains).
+_OUTPUT_NAMES = (RUN_FILE, "summary.txt", "report.html", PREDICTIONS_FILE, METRICS_FILE, PARTIAL_PREDICTIONS_FILE)
+_OUTPUT_DIRS = ("plots",)
+
+
+def _clear_previous_outputs(out):
+    for name in os.listdir(out):
+        path = os.path.join(out, name)
+        if name in _OUTPUT_DIRS and os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.isfile(path) and (name in _OUTPUT_NAMES or (name.startswith("gate_") and name.endswith(".csv"))):
+            os.remove(path)
+
+
+def _check_resumable(run_json, manifest):
+    """The earlier manifest of an interrupted run that ``manifest`` may continue, or an error."""
+    if not os.path.isfile(run_json):
+        raise ConfigError(f"{run_json}: nothing to resume (no run.json in the output folder)")
+    with open(run_json) as fh:
+        previous = json.load(fh)
+    if previous.get("status") == "complete":
+        raise ConfigError(f"{run_json}: the run is already complete; nothing to resume")
+    for section, key in (("checkpoint", "sha256"), ("data", "sha256"), ("data", "n_queries"),
+                         ("batching", "policy"), ("batching", "n_batches"), ("batching", "batch_size")):
+        if previous.get(section, {}).get(key) != manifest[section][key]:
+            raise ConfigError(f"{run_json}: cannot resume: {section} {key} was {previous.get(section, {}).get(key)!r}, "
+                              f"now {manifest[section][key]!r} (rerun with the same arguments, or --overwrite)")
+    manifest["resumed_from"] = previous.get("progress", {})
+    return previous
+
+
+def _resume_state(out, partial, acc, previous):
+    """(prediction lines, loop stats) of the batches an interrupted run completed; feeds ``acc``."""
+    if previous is None:
+        return [], {}
+    stored = set()
+    for qid, vid, n_clips, gates in iter_shard_queries(out):
+        acc.update(qid, gates, vid=vid, n_clips=n_clips)
+        stored.add(qid)
+    lines = []
+    if os.path.exists(partial):
+        with open(partial) as fh:
+            for text in fh:
+                try:
+                    line = json.loads(text)
+                except ValueError:
+                    break  # a line cut by the interruption: its batch has no shard either
+                if line["qid"] in stored:
+                    lines.append(line)
+    write_jsonl(partial, lines)  # drop predictions whose gate shard was never written
+    return lines, {"exact_reruns": previous.get("progress", {}).get("exact_reruns", 0)}
 
 
 def run_analysis(cfg, progress=True, log=print):
@@ -98,12 +152,19 @@ def run_analysis(cfg, progress=True, log=print):
         "environment": {"torch": torch.__version__, "python": platform.python_version(), "device": str(device)},
     }
     run_json = os.path.join(out, RUN_FILE)
+    previous = _check_resumable(run_json, manifest) if cfg.resume else None
+    if previous is None:
+        _clear_previous_outputs(out)
     _write_run_json(run_json, manifest)
 
     meta = {r["qid"]: r for r in dataset.records}
-    writer = GateStoreWriter(out, gating_type, num_layers, hidden_dim=model.hidden_dim, overwrite=bool(cfg.overwrite),
-                             extra_meta={"model_path": os.path.abspath(cfg.model_path)})
+    writer = GateStoreWriter(out, gating_type, num_layers, hidden_dim=model.hidden_dim, resume=bool(cfg.resume),
+                             overwrite=not cfg.resume, extra_meta={"model_path": os.path.abspath(cfg.model_path)})
     acc = GateStatsAccumulator(gating_type, layers, kinds=GATE_KINDS)
+    partial = os.path.join(out, PARTIAL_PREDICTIONS_FILE)
+    lines, loop_stats = _resume_state(out, partial, acc, previous)
+    done = {line["qid"] for line in lines}
+    todo = [b for b in batches if not all(dataset.records[i]["qid"] in done for i in b)]
 
     def sink(gate_records):
         for rec in gate_records:
@@ -111,20 +172,32 @@ def run_analysis(cfg, progress=True, log=print):
             writer.add(rec.sample_id, vid, rec.gates, n_clips=rec.n_clips)
             acc.update(rec.sample_id, rec.gates, vid=vid, n_clips=rec.n_clips)
 
-    lines, loop_stats = [], {}
     recorder = GateRecorder(fusion, sink)
-    with recorder:
-        for metas, inputs, outputs in iterate_batches(
-                model, dataset, batches, device, num_workers=cfg.num_workers or 0, progress=progress,
-                desc="gate analysis", before_forward=lambda metas, _: recorder.set_ids([m["qid"] for m in metas]),
-                suspend=recorder.paused, stats=loop_stats):
-            lines.extend(submission_lines(metas, outputs, inputs["src_vid_mask"]))
-            writer.flush()
-    writer.close()
+    try:
+        with recorder, open(partial, "a") as partial_fh:
+            for metas, inputs, outputs in iterate_batches(
+                    model, dataset, todo, device, num_workers=cfg.num_workers or 0, progress=progress,
+                    desc="gate analysis", before_forward=lambda metas, _: recorder.set_ids([m["qid"] for m in metas]),
+                    suspend=recorder.paused, stats=loop_stats):
+                batch_lines = submission_lines(metas, outputs, inputs["src_vid_mask"])
+                # predictions first, then the gate shard: a batch counts as done once its shard exists
+                partial_fh.writelines(json.dumps(line) + "\n" for line in batch_lines)
+                partial_fh.flush()
+                os.fsync(partial_fh.fileno())
+                writer.flush()
+                lines.extend(batch_lines)
+                manifest["progress"] = {"queries_done": len(lines), "exact_reruns": loop_stats.get("exact_reruns", 0)}
+        writer.close()
+    except BaseException:
+        manifest.update(status="interrupted", progress={"queries_done": len(lines),
+                                                        "exact_reruns": loop_stats.get("exact_reruns", 0)})
+        _write_run_json(run_json, manifest)
+        raise
 
     order = {r["qid"]: i for i, r in enumerate(dataset.records)}
     lines.sort(key=lambda line: order[line["qid"]])
     write_jsonl(os.path.join(out, PREDICTIONS_FILE), lines)
+    os.remove(partial)
     metrics = evaluate(lines, dataset.records)
     if metrics is not None:
         write_json(os.path.join(out, METRICS_FILE), metrics)

@@ -39,7 +39,7 @@ from collections import OrderedDict
 import numpy as np
 import pandas as pd
 
-__all__ = ["GateStoreWriter", "GateRun", "load_gate_run", "gate_name", "GATE_KINDS", "FORMAT_VERSION",
+__all__ = ["GateStoreWriter", "GateRun", "load_gate_run", "iter_shard_queries", "gate_name", "GATE_KINDS", "FORMAT_VERSION",
            "PER_QUERY_GATING_TYPES", "PER_CLIP_GATING_TYPES", "GATING_TYPES"]
 
 FORMAT_VERSION = 1
@@ -342,6 +342,24 @@ def _read_shard_index(path):
     except Exception as e:  # noqa: BLE001 - re-raised with the path
         raise ValueError(f"gate shard {path} is unreadable ({type(e).__name__}: {e})") from e
     return [(int(q), str(v), int(t)) for q, v, t in zip(qids, vids, n_clips)]
+
+
+def iter_shard_queries(output_dir):
+    """Yield ``(qid, vid, n_clips, gates)`` from every complete shard, in recorded order, without
+    requiring a closed store (used to rebuild statistics when an interrupted run is resumed)."""
+    store_dir = os.path.join(os.path.abspath(output_dir), _STORE_DIR)
+    if not os.path.isdir(store_dir):
+        return
+    pattern = re.compile(r"^(-?\d+)/layers\.(\d+)\.gate_(\w+)$")
+    for _, path in _list_shards(store_dir):
+        with np.load(path) as z:
+            gates = {}
+            for key in z.files:
+                m = pattern.match(key)
+                if m:
+                    gates.setdefault(int(m.group(1)), {})[(int(m.group(2)), m.group(3))] = z[key]
+            for qid, vid, n_clips in zip(z["__qids__"], z["__vids__"], z["__n_clips__"]):
+                yield int(qid), str(vid), int(n_clips), gates[int(qid)]
 
 
 def _resolve_store_dir(output_dir):
