@@ -38,7 +38,7 @@ def _small_checkpoint(path, layout, gating_type, dims, seed=0):
     return path
 
 
-def _verify_run(out, n_queries, n_layers):
+def _verify_run(out, n_queries, n_layers, plots=True):
     """Rows of checks on one output folder."""
     from gate_analysis.stats import CSV_COLUMNS
     from gate_analysis.store import load_gate_run
@@ -47,8 +47,9 @@ def _verify_run(out, n_queries, n_layers):
     rows.append(("run.json complete", manifest.get("status") == "complete", manifest.get("status")))
     missing = [f for f in ["predictions.jsonl", "summary.txt", *CSV_COLUMNS] if not os.path.exists(os.path.join(out, f))]
     rows.append(("output files present", not missing, f"missing {missing}" if missing else f"{len(CSV_COLUMNS) + 2} files"))
-    plots = os.listdir(os.path.join(out, "plots")) if os.path.isdir(os.path.join(out, "plots")) else []
-    rows.append(("plots written", len(plots) >= 4, f"{len(plots)} PNG files"))
+    if plots:
+        pngs = os.listdir(os.path.join(out, "plots")) if os.path.isdir(os.path.join(out, "plots")) else []
+        rows.append(("plots written", len(pngs) >= 4, f"{len(pngs)} PNG files"))
     per_query = pd.read_csv(os.path.join(out, "gate_stats_per_query.csv"))
     expected = n_queries * n_layers * 2
     rows.append(("per-query rows = queries x layers x 2", len(per_query) == expected, f"{len(per_query)} == {expected}"))
@@ -70,17 +71,19 @@ def quick_check(output_dir=None, log=print):
     rows = []
     for layout, gating in QUICK_VARIANTS:
         tag = f"{layout}-{gating}"
+        plots = gating == "elementwise"  # the richest set of figures; plotting dominates the run time
         t0 = time.time()
         ckpt = _small_checkpoint(os.path.join(base, f"{tag}.ckpt"), layout, gating, data["dims"])
         out = os.path.join(base, tag)
         os.makedirs(out, exist_ok=True)
         cfg = AnalysisConfig(model_path=ckpt, data_path=data["jsonl"]["val"], output_dir=out, device="cpu",
                              v_feat_dirs=data["v_feat_dirs"], t_feat_dir=data["t_feat_dir"],
-                             a_feat_dir=data["a_feat_dir"], batch_size=4, batching="query", top_n=3)
+                             a_feat_dir=data["a_feat_dir"], batch_size=4, batching="query", top_n=3,
+                             no_plots=not plots)
         try:
             run_analysis(cfg, progress=False, log=lambda msg: None)
             n_layers = 1 if layout == "avigate" else 2
-            rows += [(f"{tag}: {name}", ok, detail) for name, ok, detail in _verify_run(out, n_queries, n_layers)]
+            rows += [(f"{tag}: {name}", ok, detail) for name, ok, detail in _verify_run(out, n_queries, n_layers, plots)]
         except Exception as exc:  # report the failure as a row; the table decides the exit code
             rows.append((f"{tag}: pipeline ran", False, f"{type(exc).__name__}: {exc}"))
         log(f"  {tag}: analysed in {time.time() - t0:.1f} s -> {out}")
