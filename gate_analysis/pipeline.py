@@ -256,5 +256,8 @@ def format_summary(manifest, layer_table, rankings, out):
                 qids = sel[sel["rank_type"] == rank_type]["qid"].tolist()
                 if qids:
                     lines.append(f"  {rank_type} queries by mean {kind} gate (all layers): {qids}")
+    adapter = manifest["checkpoint"]["load_report"].get("legacy_adapter")
+    if adapter:
+        lines.append("  " + adapter["summary"])
     lines.append(f"  outputs in {out}: run.json, {PREDICTIONS_FILE}, gate_*.csv, gates/, plots/")
     return "\n".join(lines)

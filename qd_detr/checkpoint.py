@@ -27,7 +27,7 @@ from .errors import CheckpointError, ConfigError
 from .model import build_model
 
 __all__ = ["load_checkpoint", "LoadedCheckpoint", "read_checkpoint", "normalize_state_dict", "KEY_RENAMES",
-           "describe_state_dict", "resolve_device", "file_sha256", "SAFE_GLOBALS"]
+           "describe_state_dict", "infer_options", "strict_load", "resolve_device", "file_sha256", "SAFE_GLOBALS"]
 
 SAFE_GLOBALS = [argparse.Namespace]
 
@@ -175,7 +175,7 @@ def describe_state_dict(sd):
     return info
 
 
-def _infer_options(sd, info, given, path):
+def infer_options(sd, info, given, path):
     """Options for a bare state dict: shapes where they tell, ``given`` for the rest."""
     need = []
 
@@ -283,7 +283,7 @@ def load_checkpoint(path, device="cpu", trust_pickle=False, gating_type=None, op
     else:
         if gating_type is not None:
             options.setdefault("gating_type", gating_type)
-        opt = _infer_options(sd, info, options, path)
+        opt = infer_options(sd, info, options, path)
         source = "inferred from weight shapes" + (f" + given {sorted(options)}" if options else "")
     if raw_opt is not None or os.path.isfile(opt_json):
         for key, value in options.items():

@@ -1,0 +1,64 @@
+#!/usr/bin/env python3
+"""Compatibility report for a trained QD-DETR + AVIGATE checkpoint: can its gates be analysed unchanged?
+
+    python test_legacy_model.py --model_path results/run/model_best.ckpt
+    python test_legacy_model.py --model_path CKPT --data_path data/highlight_val_release.jsonl --json
+
+Reports the checkpoint's format and options, fusion layout, gating type (and where it comes from),
+key matches, parameter count, the weight and output-equivalence proof on a ragged probe batch, the
+gates captured per layer with their shapes and, with --data_path, one real batch through the model.
+Exit code: 0 compatible, 1 incompatible (reason given), 2 unreadable or bad input.
+(Not a pytest file: pytest collects only tests/.)
+"""
+import argparse
+import json
+import sys
+
+from gate_analysis.legacy import check_compatibility, format_report
+from qd_detr.cli import positive_int
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model_path", required=True, help="checkpoint file written by QD-DETR training")
+    p.add_argument("--data_path", default=None, help="optional JSONL: run one real batch through the model")
+    p.add_argument("--v_feat_dirs", nargs="+", default=None,
+                   help="video feature folders (default: from the checkpoint)")
+    p.add_argument("--t_feat_dir", default=None, help="text feature folder (default: from the checkpoint)")
+    p.add_argument("--a_feat_dir", default=None, help="audio feature folder (default: from the checkpoint)")
+    p.add_argument("--batch_size", type=positive_int, default=4, help="queries in the real batch (default: 4)")
+    p.add_argument("--gating_type", choices=("global", "clipwise", "elementwise"), default=None,
+                   help="checked against the checkpoint's options; required only when they do not say it")
+    p.add_argument("--trust_checkpoint", action="store_true",
+                   help="allow full unpickling of the checkpoint (only for files you trust)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    return p
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    data = None
+    if args.data_path:
+        data = {"data_path": args.data_path, "v_feat_dirs": args.v_feat_dirs, "t_feat_dir": args.t_feat_dir,
+                "a_feat_dir": args.a_feat_dir}
+    try:
+        report, code = check_compatibility(args.model_path, gating_type=args.gating_type,
+                                           trust_pickle=args.trust_checkpoint, device=args.device, data=data,
+                                           batch_size=args.batch_size)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(report, default=str))
+    elif code != 2:
+        print("\n".join(format_report(report)))
+    if code == 1:
+        print(f"incompatible: {report['reason']}", file=sys.stderr)
+    elif code == 2:
+        print(f"error: {report['reason']}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

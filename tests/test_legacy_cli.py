@@ -1,0 +1,233 @@
+"""test_legacy_model.py (compatibility report, exit codes) and run_gate_analysis.py --legacy_model."""
+import argparse
+import filecmp
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import demo_feature_args, save_checkpoint, small_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+FIXTURES = SHARED / "fixtures"
+requires_shared = pytest.mark.skipif(not (FIXTURES / "data").is_dir(), reason=f"{SHARED} (shared fixtures) not present")
+
+import test_legacy_model as compat_cli  # noqa: E402  (top-level script; pytest collects only tests/)
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is faster and immune to CPU contention (restored afterwards)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _report(capsys, argv):
+    code = compat_cli.main([*argv, "--json", "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert len(out.strip().splitlines()) == 1
+    return code, json.loads(out), err
+
+
+def _script(argv):
+    return subprocess.run([sys.executable, str(ROOT / "test_legacy_model.py"), *argv], capture_output=True,
+                          text=True, env=ENV, cwd=ROOT, timeout=300)
+
+
+@pytest.fixture
+def small_ckpt(tmp_path):
+    model, opt = small_model("custom", "clipwise", seed=21)
+    return save_checkpoint(tmp_path / "model.ckpt", model, opt), model, opt
+
+
+# ------------------------------------------------------------------------------------------------
+# the original research checkpoints
+# ------------------------------------------------------------------------------------------------
+
+FIXTURE_EXPECT = {
+    "ckpt_custom_global": ("custom", "global", 11_340_077, 250, 2, [[1]] * 3),
+    "ckpt_custom_clipwise": ("custom", "clipwise", 8_976_173, 250, 2, [[12], [7], [3]]),
+    "ckpt_avigate_legacy": ("avigate", "global", 7_385_891, 206, 1, [[1]] * 3),
+}
+
+
+@requires_shared
+@pytest.mark.parametrize("name", sorted(FIXTURE_EXPECT))
+def test_fixture_checkpoints_are_compatible(capsys, name):
+    layout, gating, params, tensors, layers, shapes = FIXTURE_EXPECT[name]
+    code, rep, err = _report(capsys, ["--model_path", str(FIXTURES / name / "model.ckpt")])
+    assert code == 0 and rep["compatible"] and err == ""
+    got = (rep["layout"], rep["gating_type"], rep["n_parameters"], rep["fusion_layers"])
+    assert got == (layout, gating, params, layers)
+    assert rep["checkpoint"]["format"] == "training checkpoint" and rep["checkpoint"]["epoch"] == 29
+    assert rep["checkpoint"]["options_source"] == "checkpoint['opt']"
+    assert rep["key_match"] == {"matched": tensors, "missing": 0, "unexpected": 0, "mis_shaped": 0}
+    assert rep["keys"]["unmatched"] == [] and sum(rep["keys"]["groups"].values()) == tensors
+    assert rep["weights"]["identical"] == tensors
+    assert rep["equivalence"]["passed"] and rep["equivalence"]["max_abs_diff"] == 0.0
+    assert len(rep["gates"]["layers"]) == 2 * layers
+    assert all(g["recorded_shapes"] == shapes for g in rep["gates"]["layers"])
+
+
+@requires_shared
+def test_fixture_without_fusion_is_incompatible_with_the_reason(capsys):
+    code, rep, err = _report(capsys, ["--model_path", str(FIXTURES / "ckpt_main_plain" / "model.ckpt")])
+    assert code == 1 and rep["status"] == "incompatible" and not rep["compatible"]
+    assert "has no fusion module, so no gates" in rep["reason"]
+    assert rep["n_parameters"] == 3_507_490 and rep["key_match"]["matched"] == 117
+    assert err.startswith("incompatible: ") and len(err.strip().splitlines()) == 1
+
+
+@requires_shared
+def test_fixture_real_batch_gates_equal_the_original_code(capsys):
+    d = FIXTURES / "data"
+    code, rep, _ = _report(capsys, [
+        "--model_path", str(FIXTURES / "ckpt_custom_clipwise" / "model.ckpt"), "--batch_size", "2",
+        "--data_path", str(d / "highlight_val_release.jsonl"), "--v_feat_dirs", str(d / "slowfast_features"),
+        str(d / "clip_features"), "--t_feat_dir", str(d / "clip_text_features"),
+        "--a_feat_dir", str(d / "pann_features")])
+    assert code == 0
+    batch = rep["real_batch"]
+    assert batch["qids"] == [5000, 5001] and batch["passed"] and batch["max_abs_diff_tracking_on_vs_off"] == 0.0
+    ref = np.load(FIXTURES / "ckpt_custom_clipwise" / "reference_outputs_bs1.npz")
+    for qid, clips in zip(batch["qids"], batch["video_clips"]):
+        for layer in (0, 1):
+            for kind in ("mha", "ffn"):
+                got = batch["gates"][str(qid)][f"layers.{layer}.gate_{kind}"]
+                want = ref[f"{qid}/layer{layer}/gate_{kind}"].reshape(-1)
+                assert got["shape"] == [clips] == [len(want)]
+                assert abs(got["mean"] - float(want.mean())) < 1e-5
+                assert abs(got["max"] - float(want.max())) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------
+# exit codes and one-line errors
+# ------------------------------------------------------------------------------------------------
+
+def test_script_reports_a_compatible_checkpoint_as_json(small_ckpt):
+    path, _, _ = small_ckpt
+    res = _script(["--model_path", str(path), "--json", "--device", "cpu"])
+    assert res.returncode == 0, res.stderr
+    rep = json.loads(res.stdout)
+    assert rep["compatible"] and rep["gating_type"] == "clipwise" and rep["equivalence"]["passed"]
+    assert "Traceback" not in res.stderr
+
+
+def test_missing_file_exits_2_with_one_line(capsys, tmp_path):
+    code = compat_cli.main(["--model_path", str(tmp_path / "nope.ckpt")])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    assert err.splitlines() == [f"error: {tmp_path / 'nope.ckpt'}: checkpoint file not found"]
+
+
+def test_tampered_checkpoint_exits_1_naming_the_key(capsys, small_ckpt, tmp_path):
+    path, model, opt = small_ckpt
+    sd = dict(model.state_dict())
+    del sd["fusion.fusion_layers.0.gating_function.mlp_ffn.2.bias"]
+    torch.save({"model": sd, "epoch": 0, "opt": argparse.Namespace(**vars(opt))}, tmp_path / "t.ckpt")
+    code = compat_cli.main(["--model_path", str(tmp_path / "t.ckpt"), "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert code == 1 and len(err.splitlines()) == 1
+    assert "missing key(s): fusion.fusion_layers.0.gating_function.mlp_ffn.2.bias" in err
+    assert "INCOMPATIBLE (at stage load)" in out
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all\n", "truncated"])
+def test_unreadable_input_exits_2(capsys, tmp_path, small_ckpt, content):
+    path = tmp_path / "bad.ckpt"
+    if content == "truncated":
+        path.write_bytes(Path(small_ckpt[0]).read_bytes()[:5000])
+    else:
+        path.write_bytes(content)
+    code, rep, err = _report(capsys, ["--model_path", str(path)])
+    assert code == 2 and rep["stage"] == "read" and not rep["compatible"]
+    assert err.startswith("error: ") and "not a readable PyTorch checkpoint" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_gating_type_conflict_and_missing_gating_type_exit_2(capsys, small_ckpt, tmp_path):
+    path, model, opt = small_ckpt
+    code, rep, err = _report(capsys, ["--model_path", str(path), "--gating_type", "global"])
+    assert code == 2 and "--gating_type global conflicts with the checkpoint's gating_type clipwise" in err
+    torch.save(model.state_dict(), tmp_path / "bare.ckpt")
+    code, rep, err = _report(capsys, ["--model_path", str(tmp_path / "bare.ckpt")])
+    assert code == 2 and "cannot tell them apart" in rep["reason"]
+    assert rep["checkpoint"]["stated_gating_type"] is None
+    assert "identical weight names and shapes" in rep["checkpoint"]["gating_type_source"]
+
+
+def test_text_report_lists_every_section(capsys, small_ckpt):
+    code = compat_cli.main(["--model_path", str(small_ckpt[0]), "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert code == 0
+    for label in ("format", "options", "layout", "keys", "strict load", "gating", "weights", "probe", "gates",
+                  "COMPATIBLE"):
+        assert f"\n  {label}" in out or f"\n{label}" in out, label
+
+
+# ------------------------------------------------------------------------------------------------
+# run_gate_analysis.py --legacy_model never changes a number
+# ------------------------------------------------------------------------------------------------
+
+def _analysis(out_dir, ckpt, paths, extra):
+    import run_gate_analysis
+    from qd_detr.cli import run_main
+    argv = ["--model_path", str(ckpt), "--data_path", paths["jsonl"]["val"], *demo_feature_args(paths["root"]),
+            "--output_dir", str(out_dir), "--device", "cpu", "--quiet", "--no_plots", *extra]
+    assert run_main(run_gate_analysis.main, argv) == 0
+    return json.loads((out_dir / "run.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def legacy_and_plain_runs(tmp_path_factory, demo_data):
+    _, paths = demo_data
+    tmp = tmp_path_factory.mktemp("legacy_flag")
+    model, opt = small_model("custom", "global", seed=22)
+    ckpt = save_checkpoint(tmp / "model.ckpt", model, opt)
+    plain = _analysis(tmp / "plain", ckpt, paths, [])
+    legacy = _analysis(tmp / "legacy", ckpt, paths, ["--legacy_model"])
+    return tmp, plain, legacy
+
+
+def test_legacy_flag_changes_no_output_file(legacy_and_plain_runs):
+    tmp, plain, legacy = legacy_and_plain_runs
+    files = sorted(str(p.relative_to(tmp / "plain")) for p in (tmp / "plain").rglob("*") if p.is_file())
+    assert sorted(str(p.relative_to(tmp / "legacy")) for p in (tmp / "legacy").rglob("*") if p.is_file()) == files
+    assert {"predictions.jsonl", "gate_stats_per_query.csv"} <= set(files) and any(f.startswith("gates") for f in files)
+    for name in files:
+        if name not in ("run.json", "summary.txt"):
+            assert filecmp.cmp(tmp / "plain" / name, tmp / "legacy" / name, shallow=False), name
+    for key in ("model", "counts", "metrics_brief", "batching", "has_labels"):
+        assert plain[key] == legacy[key], key
+    assert plain["checkpoint"]["sha256"] == legacy["checkpoint"]["sha256"]
+    plain_lines = (tmp / "plain" / "summary.txt").read_text().replace(str(tmp / "plain"), "OUT").splitlines()
+    legacy_lines = (tmp / "legacy" / "summary.txt").read_text().replace(str(tmp / "legacy"), "OUT").splitlines()
+    assert [line for line in legacy_lines if line in plain_lines] == plain_lines
+
+
+def test_legacy_flag_records_the_proof_in_run_json(legacy_and_plain_runs):
+    _, plain, legacy = legacy_and_plain_runs
+    assert "legacy_adapter" not in plain["checkpoint"]["load_report"]
+    report = legacy["checkpoint"]["load_report"]
+    adapter = report["legacy_adapter"]
+    assert adapter["equivalence"]["passed"] and adapter["equivalence"]["max_abs_diff"] == 0.0
+    assert adapter["weights"]["identical"] == report["n_tensors"]
+    assert adapter["gating_type"] == "global" and adapter["gating_type_source"] == "checkpoint['opt']"
+    for key in ("layout", "gating_type", "n_parameters", "keys", "fusion_layers"):
+        assert plain["checkpoint"]["load_report"][key] == report[key], key
+
+
+def test_legacy_flag_puts_the_proof_in_the_summary(legacy_and_plain_runs):
+    tmp, _, legacy = legacy_and_plain_runs
+    summary = (tmp / "legacy" / "summary.txt").read_text()
+    assert legacy["checkpoint"]["load_report"]["legacy_adapter"]["summary"] in summary
