@@ -6,7 +6,6 @@ outputs (files present, gate values in [-1, 1], counts equal queries x layers x 
 readable). ``comprehensive_check``: the pytest suite plus end-to-end runs of every command-line tool.
 Each check is a (name, passed, detail) row.
 """
-import argparse
 import json
 import os
 import subprocess
@@ -14,7 +13,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import pandas as pd
 import torch
 

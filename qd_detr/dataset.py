@@ -538,6 +538,11 @@ class QVHighlightsDataset(Dataset):
         return out
 
     # -- labels ------------------------------------------------------------------------------------
+    def reseed(self, seed) -> None:
+        """Restart the random label sampling (and text dropping) from ``seed`` (e.g. per DataLoader worker)."""
+        self._rng = random.Random(seed)
+        self._np_rng = np.random.default_rng(seed)
+
     def _label_rng(self, record: dict) -> random.Random:
         if self.training:
             return self._rng

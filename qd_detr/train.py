@@ -309,10 +309,7 @@ def _reseed_worker(_):
     """DataLoader workers: a distinct, loader-seeded label-sampling generator per worker."""
     info = torch.utils.data.get_worker_info()
     ds = info.dataset
-    if hasattr(ds, "_rng"):
-        ds._rng = random.Random(info.seed)
-    if hasattr(ds, "_np_rng"):
-        ds._np_rng = np.random.default_rng(info.seed)
+    ds.reseed(info.seed)
 
 
 def _train_loader(dataset, opt):

@@ -7,7 +7,6 @@ dataset + collate produced for the fixture val split (``/work/shared/fixtures/da
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import numpy as np

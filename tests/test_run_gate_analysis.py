@@ -1,6 +1,5 @@
 """run_gate_analysis.py end to end: on project-generated data and on the original checkpoints."""
 import json
-import os
 import subprocess
 import sys
 
