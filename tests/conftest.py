@@ -15,6 +15,10 @@ FIXTURE_DATA = FIXTURES / "data"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+# Test models are tiny: one intra-op thread avoids OpenMP overhead and contention on a busy machine.
+# Fixture comparisons keep their tolerance (1 vs 2 threads changes outputs by <= 3e-6).
+torch.set_num_threads(1)
+
 requires_fixtures = pytest.mark.skipif(not FIXTURE_DATA.is_dir(),
                                        reason="../shared/fixtures not present (only in CI and dev checkouts)")
 FIXTURE_NAMES = ("ckpt_custom_global", "ckpt_custom_clipwise", "ckpt_avigate_legacy", "ckpt_main_plain")
