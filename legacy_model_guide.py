@@ -16,7 +16,7 @@ import os
 import sys
 
 from qd_detr.cli import data_args, model_args, positive_int
-from qd_detr.errors import ToolkitError
+from qd_detr.errors import ConfigError, ToolkitError
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "run_gate_analysis.py")
 
@@ -26,7 +26,7 @@ def get_args_parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output_dir", default=None, help="output folder of the analysis")
     p.add_argument("--overwrite", action="store_true", help="replace the results in an existing output folder")
-    p.add_argument("--max_samples", type=positive_int, default=None, help="analyse only the first N queries")
+    p.add_argument("--max_samples", type=int, default=None, help="analyse only the first N queries")
     p.add_argument("--compare_samples", nargs="*", type=int, default=None, metavar="QID",
                    help="queries to compare in plots/sample_comparison.png")
     p.add_argument("--top_n", type=positive_int, default=10, help="queries per top/bottom ranking (default: 10)")
@@ -43,6 +43,8 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
     from gate_analysis.legacy import exit_code_for, run_guide
     try:
+        if args.max_samples is not None and args.max_samples <= 0:
+            raise ConfigError(f"--max_samples must be a positive number of queries, got {args.max_samples}")
         return run_guide(args, SCRIPT)
     except ToolkitError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -10,7 +10,7 @@ import argparse
 import sys
 import time
 
-from qd_detr.cli import run_main
+from qd_detr.cli import prepare_output_dir, run_main
 
 
 def get_args_parser():
@@ -24,6 +24,8 @@ def get_args_parser():
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    if args.output_dir is not None:
+        args.output_dir = prepare_output_dir(args.output_dir, overwrite=True)
     from gate_analysis.selftest import comprehensive_check, format_table, quick_check
     t0 = time.time()
     rows = (comprehensive_check if args.comprehensive else quick_check)(args.output_dir)

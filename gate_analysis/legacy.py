@@ -1216,6 +1216,8 @@ def _guide_analysis(asker, args, contents, records):
             parent = os.path.dirname(parent)
         if not os.access(parent, os.W_OK):
             raise ValueError(f"{parent}: not writable")
+        if os.path.isdir(path) and not os.access(path, os.W_OK | os.X_OK):
+            raise ValueError(f"{path}: output folder is not writable")
         if os.path.isdir(path) and os.listdir(path) and not state["overwrite"]:
             if not asker.interactive:
                 raise ValueError("folder exists and is not empty; pass --overwrite to replace its results")
@@ -1261,7 +1263,7 @@ def _display_command(script, arguments):
 
 def _run_subprocess(cmd, out_dir, write):
     """Run the analysis; on failure or Ctrl-C remove an output folder that this run created."""
-    created = not os.path.isdir(out_dir) or not os.listdir(out_dir)
+    created = not os.path.exists(out_dir)
     proc = subprocess.Popen(cmd)
     try:
         code = proc.wait()
@@ -1319,6 +1321,7 @@ def run_guide(args, script, read=input, write=print):
     for line in format_report(report)[1:]:
         write(line)
     if code != 0:
+        print(f"{'incompatible' if code == 1 else 'error'}: {report['reason']}", file=sys.stderr)
         write("The analysis was not run. After fixing the problem, the command would be:")
         write(command)
         return code

@@ -64,8 +64,9 @@ def _write_run_json(path, manifest):
 
 
 # Files a run writes (removed before a fresh run into an --overwrite folder, so nothing stale remains).
-_OUTPUT_NAMES = (RUN_FILE, "summary.txt", "report.html", PREDICTIONS_FILE, METRICS_FILE, PARTIAL_PREDICTIONS_FILE)
-_OUTPUT_DIRS = ("plots",)
+_OUTPUT_NAMES = (RUN_FILE, "summary.txt", "report.html", PREDICTIONS_FILE, METRICS_FILE, PARTIAL_PREDICTIONS_FILE,
+                 "ablation.csv", "ablation_overall.csv")
+_OUTPUT_DIRS = ("plots", "ablation")
 
 
 def _clear_previous_outputs(out):
@@ -125,6 +126,10 @@ def run_analysis(cfg, progress=True, log=print):
         if cfg.max_samples <= 0:
             raise ConfigError(f"--max_samples must be positive, got {cfg.max_samples}")
         records = records[:cfg.max_samples]
+    subset_info = None
+    if cfg.subset:  # --subset FILE: restrict the run to its qids, or (split) compare in/out at the end
+        from .performance import apply_subset
+        records, subset_info = apply_subset(records, cfg.subset, cfg.subset_mode or "restrict")
     model, opt, load_report = load_model_for_analysis(cfg)
     device = next(model.parameters()).device
     dirs = resolve_feature_dirs(opt, cfg.model_path, cfg.v_feat_dirs, cfg.t_feat_dir, cfg.a_feat_dir)
@@ -135,6 +140,7 @@ def run_analysis(cfg, progress=True, log=print):
     fusion = model.fusion
     gating_type, num_layers = fusion_gating_type(fusion), fusion_num_layers(fusion)
     layers = list(range(num_layers))
+    interventions = _check_extended_options(cfg, num_layers, records)
 
     manifest = {
         "status": "running",
@@ -165,14 +171,17 @@ def run_analysis(cfg, progress=True, log=print):
     lines, loop_stats = _resume_state(out, partial, acc, previous)
     done = {line["qid"] for line in lines}
     todo = [b for b in batches if not all(dataset.records[i]["qid"] in done for i in b)]
+    contrib = _contribution_writer(cfg, out, previous, done)
 
     def sink(gate_records):
         for rec in gate_records:
             vid = meta[rec.sample_id]["vid"]
             writer.add(rec.sample_id, vid, rec.gates, n_clips=rec.n_clips)
             acc.update(rec.sample_id, rec.gates, vid=vid, n_clips=rec.n_clips)
+            if contrib is not None:
+                contrib.add(rec, vid)
 
-    recorder = GateRecorder(fusion, sink)
+    recorder = GateRecorder(fusion, sink, capture_contributions=contrib is not None)
     try:
         with recorder, open(partial, "a") as partial_fh:
             for metas, inputs, outputs in iterate_batches(
@@ -188,7 +197,11 @@ def run_analysis(cfg, progress=True, log=print):
                 lines.extend(batch_lines)
                 manifest["progress"] = {"queries_done": len(lines), "exact_reruns": loop_stats.get("exact_reruns", 0)}
         writer.close()
+        if contrib is not None:
+            contrib.finish()
     except BaseException:
+        if contrib is not None:
+            contrib.close()
         manifest.update(status="interrupted", progress={"queries_done": len(lines),
                                                         "exact_reruns": loop_stats.get("exact_reruns", 0)})
         _write_run_json(run_json, manifest)
@@ -213,6 +226,8 @@ def run_analysis(cfg, progress=True, log=print):
         if missing:
             raise ConfigError(f"--compare_samples: qid(s) {missing} are not in {cfg.data_path}")
         plot_paths = plot_all(acc, load_gate_run(out), out, compare_qids=compare)
+    extended = _run_extended_analyses(cfg, model, dataset, batches, device, acc, lines, metrics, interventions,
+                                      subset_info, manifest, progress, log)
 
     layer_table = acc.layer_stats()
     manifest.update({
@@ -228,8 +243,10 @@ def run_analysis(cfg, progress=True, log=print):
                   "gates": "gates/", "csv": {k: os.path.relpath(v, out) for k, v in csvs.items()},
                   "plots": [os.path.relpath(p, out) for p in plot_paths]},
     })
+    _finish_extended(manifest, extended, out)
     _write_run_json(run_json, manifest)
     summary = format_summary(manifest, layer_table, acc.rankings(n=min(5, cfg.top_n or 10)), out)
+    summary += "".join("\n  " + line for line in extended["summary"])
     with open(os.path.join(out, "summary.txt"), "w") as fh:
         fh.write(summary + "\n")
     log(summary)
@@ -256,8 +273,157 @@ def format_summary(manifest, layer_table, rankings, out):
                 qids = sel[sel["rank_type"] == rank_type]["qid"].tolist()
                 if qids:
                     lines.append(f"  {rank_type} queries by mean {kind} gate (all layers): {qids}")
+    skipped = manifest["counts"].get("skipped", 0)
+    if skipped:
+        lines.append(f"  skipped {skipped} queries with missing feature files (listed in run.json)")
     adapter = manifest["checkpoint"]["load_report"].get("legacy_adapter")
     if adapter:
         lines.append("  " + adapter["summary"])
     lines.append(f"  outputs in {out}: run.json, {PREDICTIONS_FILE}, gate_*.csv, gates/, plots/")
     return "\n".join(lines)
+
+
+# -- beyond gate values: interventions, contributions, ground truth, performance, comparison ----------
+def _check_extended_options(cfg, num_layers, records):
+    """Validate the options of the extended analyses before the main pass; returns the interventions."""
+    interventions = []
+    if cfg.ablate:
+        from .ablation import parse_interventions
+        interventions = parse_interventions(cfg.ablate, cfg.ablate_layers, cfg.ablate_gates, num_layers)
+    if cfg.failure_cases and not any(has_labels(r) for r in records):
+        raise ConfigError(f"--failure_cases needs labelled queries (relevant_windows); {cfg.data_path} has none")
+    return interventions
+
+
+def _contribution_writer(cfg, out, previous, done):
+    """The streaming writer of gate_contributions.csv (``--contributions``), or None."""
+    from .ablation import CONTRIBUTIONS_PARTIAL, ContributionWriter
+    if not cfg.contributions:
+        stale = os.path.join(out, CONTRIBUTIONS_PARTIAL)
+        if os.path.exists(stale):
+            os.remove(stale)
+        return None
+    if previous is not None and not (previous.get("arguments") or {}).get("contributions"):
+        raise ConfigError("cannot add --contributions when resuming a run started without it "
+                          "(rerun with --overwrite, or resume without --contributions)")
+    return ContributionWriter(out, keep_qids=done if previous is not None else None)
+
+
+def _run_extended_analyses(cfg, model, dataset, batches, device, acc, lines, metrics, interventions, subset_info,
+                           manifest, progress, log):
+    """Contributions, interventions, ground truth, performance link, failure cases, subset split and run
+    comparison (each when its options and the data allow). Returns {"analyses", "files", "plots", "summary"}."""
+    from . import ablation as AB
+    from . import ground_truth as GT
+    from . import performance as PF
+    from .store import gate_name
+    out, records, plots = cfg.output_dir, dataset.records, not cfg.no_plots
+    result = {"analyses": {}, "files": {}, "plots": [], "summary": []}
+    files, plot_paths, summary, analyses = result["files"], result["plots"], result["summary"], result["analyses"]
+    brief = (metrics or {}).get("brief")
+
+    contrib = contrib_summary = None
+    if cfg.contributions:
+        contrib = AB.load_contributions(out)
+        contrib_summary = AB.contribution_summary(contrib)
+        files["contributions"] = AB.CONTRIBUTIONS_FILE
+        if plots:
+            plot_paths += AB.plot_contributions(contrib, out, value_range=acc.value_range)
+        t = AB.contrib_layer_table(contrib)
+        summary.append("effective contribution (median over clips): " + ", ".join(
+            f"{gate_name(r.layer, r.gate)} {r.median:.3g}" for r in t.itertuples()))
+
+    ablation_pq, reference = None, None
+    if interventions:
+        means = AB.dataset_mean_gates(acc) if any(iv.value == "mean" for iv in interventions) else None
+        ablation_pq, ablation_ov, info = AB.run_ablation(
+            model, dataset, batches, device, interventions, lines, output_dir=out, gate_means=means,
+            seed=cfg.ablate_seed or 0, progress=progress, num_workers=cfg.num_workers or 0, base_brief=brief)
+        reference = AB.reference_intervention(interventions).name
+        analyses["ablation"] = {"interventions": [iv.name for iv in interventions], "reference": reference,
+                                "seed": cfg.ablate_seed or 0, "runs": info}
+        files.update(ablation="ablation.csv", ablation_overall="ablation_overall.csv", ablation_predictions="ablation/")
+        if plots:
+            plot_paths += AB.plot_ablation(ablation_pq, ablation_ov, out)
+        for iv in interventions:
+            b = info[iv.name]["metrics_brief"]
+            if b and brief and "MR-full-mAP" in b:
+                summary.append(f"ablation {iv.name}: MR-full-mAP {brief['MR-full-mAP']} -> {b['MR-full-mAP']} "
+                               f"({b['MR-full-mAP'] - brief['MR-full-mAP']:+.2f}), HL-min-VeryGood-mAP "
+                               f"{b.get('HL-min-VeryGood-mAP')} ({info[iv.name]['seconds']} s)")
+            else:
+                sel = ablation_pq[ablation_pq["intervention"] == iv.name]
+                summary.append(f"ablation {iv.name}: top-1 window changed for "
+                               f"{int((sel['top1_window_iou_vs_base'] < 1).sum())}/{len(sel)} queries")
+
+    run = load_gate_run(out)
+    gt_pq, gt_ov, gt_files = GT.write_ground_truth(records, out, gate_run=run, contributions=contrib)
+    if gt_files:
+        files.update(ground_truth="gate_ground_truth.csv", ground_truth_overall="gate_ground_truth_overall.csv")
+        if plots:
+            plot_paths += GT.plot_ground_truth(gt_pq, gt_ov, out, records=records, gate_run=run, contributions=contrib)
+        pooled = gt_ov[(gt_ov["scope"] == "pooled") & (gt_ov["statistic"] == "auroc_inside")
+                       & (gt_ov["measure"] == "gate")]
+        if len(pooled):
+            summary.append("gate AUROC inside vs outside relevant windows (pooled clips): " + ", ".join(
+                f"{r.name} {r.value:.3f}" for r in pooled.itertuples()))
+        elif run.gating_type not in ("clipwise", "elementwise"):
+            summary.append(f"ground truth: {GT.GLOBAL_NOTE}")
+    else:
+        summary.append("ground truth and performance link: skipped (the data has no labels)")
+
+    if any(r.get("relevant_windows") for r in records):
+        qs = acc.query_stats()
+        perf = PF.performance_table(lines, records, qs, contrib_summary, ablation_pq, reference)
+        corr = PF.correlation_table(perf, ablation_pq)
+        frames = {"gate_performance.csv": perf, "gate_performance_correlations.csv": corr}
+        if cfg.failure_cases:
+            per_query = perf.drop_duplicates("qid")
+            pairs = PF.failure_cases(per_query, cfg.failure_cases)
+            frames["gate_failure_pairs.csv"] = pairs
+            frames["gate_failure_comparison.csv"] = PF.failure_comparison(pairs, perf)
+            analyses["failure_cases"] = {"requested": cfg.failure_cases, "pairs": len(pairs),
+                                         "success_top1_iou": PF.SUCCESS_IOU}
+            summary.append(f"failure cases: {len(pairs)} of {cfg.failure_cases} worst queries matched to successes")
+            if plots and len(pairs):
+                plot_paths.append(PF.plot_failure_cases(pairs, perf, out))
+        if subset_info and subset_info["mode"] == "split":
+            feats = PF.query_gate_features(qs, contrib_summary)
+            comp = PF.subset_comparison(PF.read_subset(cfg.subset), feats, perf, ablation_pq, lines, records)
+            frames["gate_subset_comparison.csv"] = comp
+            if plots:
+                plot_paths.append(PF.plot_subset_comparison(comp, out, os.path.basename(cfg.subset)))
+        files.update({k.rsplit(".", 1)[0]: k for k in PF.write_performance(out, frames)})
+        if plots and len(perf):
+            plot_paths += PF.plot_performance(perf, corr, out)
+    elif subset_info and subset_info["mode"] == "split":
+        feats = PF.query_gate_features(acc.query_stats(), contrib_summary)
+        comp = PF.subset_comparison(PF.read_subset(cfg.subset), feats, None, ablation_pq)
+        PF.write_performance(out, {"gate_subset_comparison.csv": comp})
+        files["gate_subset_comparison"] = "gate_subset_comparison.csv"
+    if subset_info:
+        analyses["subset"] = subset_info
+        summary.append(f"subset {subset_info['mode']}: {subset_info['n_in_data']} listed queries in the data "
+                       f"({subset_info['n_missing_from_data']} listed but absent)")
+
+    if cfg.compare_runs:
+        from .compare import compare_runs, plot_compare, write_compare
+        current = {**manifest, "metrics_brief": brief}
+        runs, layers_df, queries = compare_runs(list(cfg.compare_runs) + [out], overrides={out: current})
+        files.update({k.rsplit(".", 1)[0]: k for k in write_compare(out, runs, layers_df, queries)})
+        if plots:
+            plot_paths += plot_compare(runs, layers_df, queries, out)
+        summary.append(f"compared with {len(cfg.compare_runs)} earlier run(s): {queries['qid'].nunique()} queries "
+                       f"in all runs")
+    return result
+
+
+def _finish_extended(manifest, extended, out):
+    """Record the extended analyses in the manifest and write report.html (before run.json is complete)."""
+    from .report import write_report
+    manifest["analyses"] = extended["analyses"]
+    manifest["files"].update(extended["files"])
+    manifest["files"]["plots"] += [os.path.relpath(p, out) for p in extended["plots"]]
+    manifest["files"]["report"] = "report.html"
+    write_report(out, run=manifest)
+    extended["summary"].append(f"report: {os.path.join(out, 'report.html')}")

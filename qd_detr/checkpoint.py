@@ -70,6 +70,21 @@ def file_sha256(path, chunk=1 << 20):
     return h.hexdigest()
 
 
+# What torch.save writes: a zip archive (the default since torch 1.6) or a legacy pickle (protocol >= 2).
+_CHECKPOINT_MAGIC = (b"PK\x03\x04", b"\x80")
+# Refusals of safe loading that mean "the file holds objects" (not "the bytes are not a pickle").
+_REFUSAL = re.compile(r"GLOBAL|Unsupported class|Can only build|unrecognized function|add_safe_globals|allowlist",
+                      re.IGNORECASE)
+
+
+def _file_head(path):
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(8)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read the checkpoint file ({exc.strerror or exc})") from None
+
+
 def read_checkpoint(path, trust_pickle=False):
     """``torch.load`` with the safety policy above; every failure is a one-line CheckpointError."""
     path = os.fspath(path)
@@ -77,6 +92,10 @@ def read_checkpoint(path, trust_pickle=False):
         raise CheckpointError(f"{path}: checkpoint file not found")
     if os.path.isdir(path):
         raise CheckpointError(f"{path}: is a directory, expected a checkpoint file")
+    head = _file_head(path)
+    if not head:
+        raise CheckpointError(f"{path}: the checkpoint file is empty (0 bytes)")
+    looks_like_checkpoint = head.startswith(_CHECKPOINT_MAGIC)
     try:
         if trust_pickle:
             return torch.load(path, map_location="cpu", weights_only=False)
@@ -84,22 +103,42 @@ def read_checkpoint(path, trust_pickle=False):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-        what = f"a pickled object of type {found.group(1)}" if found else "pickled objects"
-        if found or "weights_only" in text.lower() or "Weights only load failed" in text:
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        if looks_like_checkpoint and not trust_pickle and (found or _REFUSAL.search(_unpickler_detail(text))):
+            what = f"a pickled object of type {found.group(1)}" if found else "pickled objects"
             raise CheckpointError(
                 f"{path}: refused to load {what}, which safe loading does not allow (arbitrary code "
                 "could run); if you trust this file, rerun with --trust_checkpoint") from None
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)})") from None
+        raise _unreadable(path, head, exc) from None
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError, ImportError, ModuleNotFoundError,
-            TypeError, KeyError, IndexError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, possibly truncated or corrupt "
-                              f"({_first_line(exc)})") from None
+            TypeError, KeyError, IndexError, UnicodeDecodeError, MemoryError, OverflowError) as exc:
+        raise _unreadable(path, head, exc) from None
+
+
+def _unpickler_detail(text):
+    """The reason inside torch's long 'Weights only load failed' message (its 'WeightsUnpickler error')."""
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\s*\n|$)", text, re.DOTALL)
+    return found.group(1).strip() if found else text
+
+
+def _unreadable(path, head, exc):
+    if not head.startswith(_CHECKPOINT_MAGIC):
+        return CheckpointError(f"{path}: not a readable PyTorch checkpoint (neither a zip archive nor a pickle; "
+                               f"the file starts with {head[:4]!r})")
+    return CheckpointError(f"{path}: not a readable PyTorch checkpoint, possibly truncated or corrupt "
+                           f"({_first_line(exc)})")
 
 
 def _first_line(exc):
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+    """``Type: first sentence`` of an exception's message, at most ~200 characters, on one line."""
+    text = str(exc).strip()
+    if isinstance(exc, pickle.UnpicklingError):
+        text = _unpickler_detail(text)
+    text = " ".join(text.split())
+    text = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0]
+    if len(text) > 200:
+        text = text[:200].rsplit(" ", 1)[0] + " ..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _is_state_dict(obj):

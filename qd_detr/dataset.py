@@ -385,7 +385,7 @@ class QVHighlightsDataset(Dataset):
                 self.skipped.append((rec["qid"], missing))
             else:
                 raise DataError(f"{missing}: feature file not found (qid {rec['qid']}, vid "
-                                f"{rec['vid']}); pass skip_missing=True to drop such queries")
+                                f"{rec['vid']}); pass --skip_missing (skip_missing=True) to skip such queries")
         if not kept:
             if self.skipped:
                 raise DataError(f"all {len(self.skipped)} queries were skipped for missing features; "

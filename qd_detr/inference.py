@@ -156,6 +156,7 @@ def main(argv=None):
     if not args.model_path or not args.data_path:
         raise ConfigError("--model_path and --data_path are required")
     out_path = prepare_output_file(args.output_path, args.overwrite)
+    prepare_output_file(metrics_path_for(out_path), args.overwrite)  # written beside it when the data has labels
     records = read_jsonl(args.data_path)
     model, opt, report = load_checkpoint(args.model_path, device=args.device, trust_pickle=args.trust_checkpoint,
                                          gating_type=args.gating_type, batching=args.batching)
@@ -170,7 +171,8 @@ def main(argv=None):
     write_jsonl(out_path, lines)
     print(f"wrote {len(lines)} predictions to {out_path}")
     if getattr(dataset, "skipped", None):
-        print(f"skipped {len(dataset.skipped)} queries with missing features", file=sys.stderr)
+        print(f"skipped {len(dataset.skipped)} queries with missing features (first: qid {dataset.skipped[0][0]}, "
+              f"{dataset.skipped[0][1]})", file=sys.stderr)
     if metrics is not None:
         write_json(metrics_path_for(out_path), metrics)
         print(f"wrote metrics to {metrics_path_for(out_path)}")

@@ -1,0 +1,283 @@
+"""``report.html``: one self-contained page summarising an output folder.
+
+``write_report(folder)`` reads whatever the folder holds (``run.json``, metrics, the gate CSVs, the
+ablation / ground-truth / performance / comparison CSVs and ``plots/*.png``) and writes a single
+HTML file: inline CSS, every figure embedded as a base64 ``data:image/png`` URI, no script and no
+external resource, so it can be mailed or archived alone. Sections without their inputs are left out.
+"""
+import base64
+import datetime
+import html
+import json
+import os
+
+import pandas as pd
+
+from .store import atomic_write_text
+
+__all__ = ["write_report", "build_report", "REPORT_FILE"]
+
+REPORT_FILE = "report.html"
+MAX_ROWS = 60
+
+_CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1180px;color:#222;
+background:#fff;line-height:1.4}
+h1{font-size:24px;margin-bottom:4px}h2{font-size:19px;border-bottom:2px solid #ddd;padding-bottom:3px;margin-top:30px}
+h3{font-size:15px;margin-bottom:4px}
+table{border-collapse:collapse;font-size:12px;margin:6px 0 10px 0}
+th,td{border:1px solid #ccc;padding:3px 7px;text-align:right}th{background:#f0f0f0}
+td:first-child,th:first-child{text-align:left}
+.kv td{text-align:left}.kv td:first-child{font-weight:600;background:#fafafa;white-space:nowrap}
+.muted{color:#666;font-size:12px}.status-complete{color:#1a7f37;font-weight:600}
+.status-other{color:#b35900;font-weight:600}
+figure{margin:12px 0 22px 0}figure img{max-width:100%;border:1px solid #ddd}
+figcaption{font-size:12px;color:#444}
+nav a{margin-right:12px;font-size:13px}
+details{margin:6px 0}.scroll{overflow-x:auto;max-width:100%}summary{cursor:pointer;font-size:13px}
+"""
+
+# plot files shown under each section (prefix match); the rest go to "Gate plots"
+_SECTION_PLOTS = {
+    "contributions": ("contribution",),
+    "ablation": ("ablation_",),
+    "ground_truth": ("ground_truth_",),
+    "performance": ("performance_",),
+    "failure": ("failure_cases",),
+    "subset": ("subset_",),
+    "compare": ("compare_",),
+}
+
+
+def _read_csv(folder, name):
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        return None
+    try:
+        return pd.read_csv(path, keep_default_na=False, na_values=[""])
+    except (pd.errors.EmptyDataError, pd.errors.ParserError):
+        return None
+
+
+def _read_json(folder, name):
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except ValueError:
+        return None
+
+
+def _esc(v):
+    return html.escape(str(v))
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        if v != v:
+            return ""
+        if v == int(v) and abs(v) < 1e9:
+            return f"{v:.0f}" if abs(v) >= 100 else f"{v:.4g}"
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _table(df, max_rows=MAX_ROWS, columns=None):
+    if df is None or len(df) == 0:
+        return "<p class='muted'>(no rows)</p>"
+    if columns:
+        df = df[[c for c in columns if c in df.columns]]
+    note = ""
+    if len(df) > max_rows:
+        note = f"<p class='muted'>first {max_rows} of {len(df)} rows; see the CSV for all.</p>"
+        df = df.head(max_rows)
+    head = "".join(f"<th>{_esc(c)}</th>" for c in df.columns)
+    body = "".join("<tr>" + "".join(f"<td>{_esc(_fmt(v))}</td>" for v in row) + "</tr>"
+                   for row in df.itertuples(index=False))
+    return f"<div class='scroll'><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>{note}"
+
+
+def _kv(pairs):
+    rows = "".join(f"<tr><td>{_esc(k)}</td><td>{_esc(_fmt(v))}</td></tr>" for k, v in pairs if v not in (None, ""))
+    return f"<table class='kv'>{rows}</table>"
+
+
+def _img(path, caption):
+    with open(path, "rb") as fh:
+        data = base64.b64encode(fh.read()).decode("ascii")
+    return (f"<figure><img alt='{_esc(caption)}' src='data:image/png;base64,{data}'>"
+            f"<figcaption>{_esc(caption)}</figcaption></figure>")
+
+
+def _plots(folder):
+    d = os.path.join(folder, "plots")
+    if not os.path.isdir(d):
+        return []
+    return sorted(n for n in os.listdir(d) if n.endswith(".png") and not n.startswith("."))
+
+
+def _take_plots(names, prefixes, used):
+    out = [n for n in names if n.startswith(prefixes) and n not in used]
+    used.update(out)
+    return out
+
+
+def build_report(folder, run=None):
+    """The report of ``folder`` as an HTML string; ``run``: the manifest to show instead of run.json."""
+    folder = os.path.abspath(folder)
+    run = run if run is not None else (_read_json(folder, "run.json") or {})
+    sections = []  # (anchor, title, html)
+    plots = _plots(folder)
+    used = set()
+
+    def figs(names):
+        return "".join(_img(os.path.join(folder, "plots", n), n) for n in names)
+
+    # provenance
+    ck, data, model = run.get("checkpoint") or {}, run.get("data") or {}, run.get("model") or {}
+    env, batching = run.get("environment") or {}, run.get("batching") or {}
+    status = run.get("status", "unknown")
+    prov = _kv([("status", status), ("kind", run.get("kind", "gate analysis")), ("started", run.get("started")),
+                ("finished", run.get("finished")), ("seconds", run.get("seconds")),
+                ("checkpoint", ck.get("path")), ("checkpoint sha256", ck.get("sha256")),
+                ("checkpoint epoch", (ck.get("load_report") or {}).get("epoch")),
+                ("fusion layout", model.get("layout")), ("gating type", model.get("gating_type")),
+                ("fusion layers", model.get("fusion_layers")), ("hidden dim", model.get("hidden_dim")),
+                ("data", data.get("path")), ("data sha256", data.get("sha256")),
+                ("queries analysed", (run.get("counts") or {}).get("queries", data.get("n_queries"))),
+                ("feature folders", json.dumps(data.get("feature_dirs")) if data.get("feature_dirs") else None),
+                ("batching", f"{batching.get('policy')} ({batching.get('n_batches')} batches of up to "
+                             f"{batching.get('batch_size')})" if batching else None),
+                ("environment", ", ".join(f"{k} {v}" for k, v in env.items()) if env else None)])
+    if run.get("runs"):
+        prov += _table(pd.DataFrame(run["runs"]))
+    if run.get("arguments"):
+        args = "".join(f"<tr><td>{_esc(k)}</td><td>{_esc(v)}</td></tr>" for k, v in run["arguments"].items()
+                       if v not in (None, False, [], ""))
+        prov += f"<details><summary>arguments</summary><table class='kv'>{args}</table></details>"
+    sections.append(("provenance", "Model and data provenance", prov))
+
+    brief = run.get("metrics_brief") or (_read_json(folder, "predictions_metrics.json") or {}).get("brief")
+    if brief:
+        sections.append(("metrics", "Metrics (official QVHighlights evaluation)",
+                         _table(pd.DataFrame([{"metric": k, "value": v} for k, v in brief.items()]))))
+
+    layer = _read_csv(folder, "gate_stats_per_layer.csv")
+    if layer is not None and len(layer):
+        q = layer[layer["weighting"] == "query"] if "weighting" in layer else layer
+        body = ("<p class='muted'>Statistics of the per-query mean gate (each query counts once). Gates are tanh "
+                "values: + adds audio, − suppresses it, ≈0 ignores it.</p>" +
+                _table(q, columns=["name", "n_queries", "mean", "std", "min", "max", "frac_positive", "frac_negative",
+                                   "frac_near_zero", "frac_saturated"]))
+        rk = _read_csv(folder, "gate_rankings.csv")
+        if rk is not None and len(rk):
+            sel = rk[(rk["layer"].astype(str) == "all") & (rk["rank"] <= 5)]
+            body += "<h3>Top and bottom 5 queries by mean gate (all layers)</h3>" + _table(
+                sel, columns=["gate", "rank_type", "rank", "qid", "vid", "mean"])
+        sections.append(("gates", "Gate statistics per layer", body))
+
+    contrib_path = os.path.join(folder, "gate_contributions.csv")
+    if os.path.isfile(contrib_path):
+        from .ablation import contrib_layer_table, load_contributions
+        c = load_contributions(contrib_path)
+        body = ("<p class='muted'>Effective contribution = ||gate × branch output|| / ||residual stream|| per clip "
+                "(0: the branch adds nothing, whatever the gate).</p>")
+        if len(c):
+            t = contrib_layer_table(c)
+            t.insert(0, "name", [f"layers.{l}.gate_{k}" for l, k in zip(t["layer"], t["gate"])])
+            body += _table(t.drop(columns=["layer", "gate"]))
+        body += figs(_take_plots(plots, _SECTION_PLOTS["contributions"], used))
+        sections.append(("contributions", "Effective contributions", body))
+
+    ov = _read_csv(folder, "ablation_overall.csv")
+    if ov is not None:
+        body = ("<p class='muted'>Each intervention re-runs inference; delta = ablated − baseline. For audio-off "
+                "interventions (zero@all:both, audio_zero, audio_swap) a negative delta means audio helped.</p>")
+        keys = ["MR-full-mAP", "MR-full-R1@0.5", "MR-full-R1@0.7", "HL-min-VeryGood-mAP", "HL-min-VeryGood-Hit1",
+                "frac_top1_window_changed", "mean_saliency_abs_change"]
+        if len(ov):
+            piv = ov[ov["metric"].isin(keys)].pivot_table(index="intervention", columns="metric", values="delta",
+                                                           sort=False)
+            piv = piv[[k for k in keys if k in piv.columns]].reset_index()
+            body += "<h3>Change in the run's metrics (delta)</h3>" + _table(piv)
+            body += "<h3>Per-query metrics</h3>" + _table(
+                ov[ov["metric"].str.startswith("mean_") & (ov["metric"] != "mean_saliency_abs_change")],
+                columns=["intervention", "metric", "baseline", "ablated", "delta", "n_improved", "n_worsened",
+                         "n_unchanged"])
+        body += figs(_take_plots(plots, _SECTION_PLOTS["ablation"], used))
+        sections.append(("ablation", "Interventions (ablation)", body))
+
+    gto = _read_csv(folder, "gate_ground_truth_overall.csv")
+    if gto is not None:
+        body = ("<p class='muted'>Inside vs outside the annotated relevant windows (AUROC 0.5 = no separation) and "
+                "Spearman correlation with the mean annotator saliency.</p>")
+        notes = sorted(set(gto["note"].dropna().astype(str)) - {""}) if "note" in gto else []
+        for n in notes:
+            body += f"<p><b>Note:</b> {_esc(n)}</p>"
+        main = gto[gto["statistic"] != "not_applicable"]
+        if len(main):
+            main = main.assign(col=main["scope"] + ":" + main["statistic"])
+            piv = main.pivot_table(index=["measure", "name"], columns="col", values="value", sort=False).reset_index()
+            body += _table(piv)
+        body += figs(_take_plots(plots, _SECTION_PLOTS["ground_truth"], used))
+        sections.append(("ground_truth", "Gates vs ground truth", body))
+
+    corr = _read_csv(folder, "gate_performance_correlations.csv")
+    if corr is not None:
+        body = "<p class='muted'>Spearman correlation across queries (layer 'all' = the query's mean over layers).</p>"
+        if len(corr):
+            sel = corr[corr["layer"].astype(str) == "all"].copy()
+            sel = sel.reindex(sel["rho"].abs().sort_values(ascending=False).index)
+            body += _table(sel, columns=["name", "x", "y", "intervention", "n", "rho", "p_value"])
+        body += figs(_take_plots(plots, _SECTION_PLOTS["performance"], used))
+        sections.append(("performance", "Gates vs performance", body))
+
+    pairs = _read_csv(folder, "gate_failure_pairs.csv")
+    if pairs is not None:
+        comp = _read_csv(folder, "gate_failure_comparison.csv")
+        body = ("<p class='muted'>Worst queries by top-1 IoU, each matched (nearest neighbour without replacement on "
+                "standardised duration and window length) to a query with top-1 IoU ≥ 0.5.</p>" + _table(pairs) +
+                "<h3>Gates: failures vs matched successes</h3>" + _table(comp))
+        body += figs(_take_plots(plots, _SECTION_PLOTS["failure"], used))
+        sections.append(("failure", "Failure cases", body))
+
+    sub = _read_csv(folder, "gate_subset_comparison.csv")
+    if sub is not None:
+        info = (run.get("analyses") or {}).get("subset") or {}
+        body = _kv([("subset file", info.get("path")), ("queries in subset", info.get("n_in_data"))]) + _table(sub)
+        body += figs(_take_plots(plots, _SECTION_PLOTS["subset"], used))
+        sections.append(("subset", "Subset split", body))
+
+    cruns = _read_csv(folder, "gate_compare_runs.csv")
+    if cruns is not None:
+        clayers = _read_csv(folder, "gate_compare_layers.csv")
+        body = _table(cruns.drop(columns=[c for c in ("path", "checkpoint_sha256") if c in cruns])) + \
+            "<h3>Per-layer gates per run</h3>" + _table(clayers)
+        body += figs(_take_plots(plots, _SECTION_PLOTS["compare"], used))
+        sections.append(("compare", "Comparison across runs", body))
+
+    rest = [n for n in plots if n not in used]
+    if rest:
+        sections.append(("plots", "Gate plots", figs(rest)))
+
+    files = sorted(n for n in os.listdir(folder) if not n.startswith("."))
+    sections.append(("files", "Files in this folder", "<p class='muted'>" + ", ".join(map(_esc, files)) + "</p>"))
+
+    title = "Gate analysis report" if run.get("kind") != "compare" else "Gate comparison report"
+    status_cls = "status-complete" if status == "complete" else "status-other"
+    nav = "".join(f"<a href='#{a}'>{_esc(t)}</a>" for a, t, _ in sections)
+    body = "".join(f"<h2 id='{a}'>{_esc(t)}</h2>{h}" for a, t, h in sections)
+    generated = datetime.datetime.now().isoformat(timespec="seconds")
+    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{_esc(title)}</title>"
+            f"<style>{_CSS}</style></head><body><h1>{_esc(title)}</h1>"
+            f"<p class='muted'>{_esc(folder)} · run status <span class='{status_cls}'>{_esc(status)}</span> · "
+            f"generated {generated}</p><nav>{nav}</nav>{body}</body></html>\n")
+
+
+def write_report(folder, run=None):
+    """Write ``{folder}/report.html`` atomically; returns its path (``run`` as in ``build_report``)."""
+    path = os.path.join(os.path.abspath(folder), REPORT_FILE)
+    atomic_write_text(path, build_report(folder, run))
+    return path
