@@ -527,6 +527,10 @@ class ContributionWriter:
         if not record.contributions:
             raise ValueError("the recorder was not created with capture_contributions=True")
         t = record.n_clips
+        vid = str(vid)
+        if any(ch in vid for ch in ',"\n\r'):
+            vid = '"' + vid.replace('"', '""') + '"'
+        lines = []
         for (layer, kind), contrib in sorted(record.contributions.items()):
             g = np.asarray(record.gates[(layer, kind)], dtype=np.float64)
             if g.ndim == 2:  # elementwise (T, D)
@@ -536,10 +540,10 @@ class ContributionWriter:
                 absval = np.abs(value)
             else:
                 value, absval = g, np.abs(g)
-            name = gate_name(layer, kind)
-            for clip in range(t):
-                self._csv.writerow([record.sample_id, vid, layer, kind, name, clip, t, f"{value[clip]:.9g}",
-                                    f"{absval[clip]:.9g}", f"{float(contrib[clip]):.9g}"])
+            head = f"{record.sample_id},{vid},{layer},{kind},{gate_name(layer, kind)},"
+            lines.extend(f"{head}{clip},{t},{v:.9g},{a:.9g},{c:.9g}\n" for clip, (v, a, c) in
+                         enumerate(zip(value.tolist(), absval.tolist(), np.asarray(contrib, np.float64).tolist())))
+        self._fh.write("".join(lines))
         self._fh.flush()
 
     def close(self):
@@ -653,10 +657,10 @@ def plot_ablation(per_query, overall, output_dir, max_queries=60, max_panels=10)
     if len(mat) > max_queries:
         mat = mat.iloc[P._subsample(len(mat), max_queries)]
     lim = max(float(np.nanmax(np.abs(mat.to_numpy()))) if np.isfinite(mat.to_numpy()).any() else 0, 1e-6)
-    fig, ax = plt.subplots(figsize=(1.1 * len(names) + 4, P._heatmap_height(len(mat))), layout=P.LAYOUT)
+    fig, ax = plt.subplots(figsize=(min(0.9 * len(names) + 4, 16), P._heatmap_height(len(mat))), layout=P.LAYOUT)
     cmap = plt.get_cmap("RdBu").with_extremes(bad=P.PAD_COLOR)
     im = ax.imshow(mat.to_numpy(float), aspect="auto", cmap=cmap, vmin=-lim, vmax=lim, interpolation="nearest")
-    ax.set_xticks(np.arange(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_xticks(np.arange(len(names)), names, rotation=40, ha="right", fontsize=8 if len(names) <= 14 else 6)
     ax.set_yticks(np.arange(len(mat)), [f"qid {q}" for q in mat.index], fontsize=7)
     cb = fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
     cb.set_label("Δ per-query MR AP (ablated − base, points)" if hm_col == "delta_mr_ap" else "mean |Δ saliency|")

@@ -462,8 +462,10 @@ def _plot_examples(P, plt, records, gate_run, n_examples, path):
                 ax.plot(np.arange(t), v, color=_layer_color(c), lw=1.2,
                         label=f"layer {layer}")
             inside, sal = clip_labels(labelled[qid], t)
-            for k in np.flatnonzero(inside):
-                ax.axvspan(k - 0.5, k + 0.5, color="0.85", lw=0, zorder=0)
+            edges = np.diff(np.concatenate([[0], inside.astype(np.int8), [0]]))
+            starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)  # runs of relevant clips
+            ax.broken_barh([(a - 0.5, b - a) for a, b in zip(starts, ends)], (-1.05, 2.1), color="0.85", lw=0,
+                           zorder=0)
             ax.set_ylim(-1.05, 1.05)
             ax.axhline(0, color="0.3", lw=0.6)
             ax.set_xlim(-0.5, t - 0.5)

@@ -453,6 +453,7 @@ def plot_performance(perf, corr, output_dir):
     if len(c):
         c["row"] = [y if not iv else f"Δ MR AP [{iv}]" for y, iv in zip(c["y"], c["intervention"])]
         mat = c.pivot_table(index="row", columns="name", values="rho", sort=False)
+        mat = mat[[n for n in dict.fromkeys(c["name"]) if n in mat.columns]]  # perf order: mha before ffn
         fig, ax = plt.subplots(figsize=(1.25 * mat.shape[1] + 4.5, 0.38 * mat.shape[0] + 2.4), layout=P.LAYOUT)
         cmap_r = plt.get_cmap("RdBu_r").with_extremes(bad=P.PAD_COLOR)
         im = ax.imshow(mat.to_numpy(float), cmap=cmap_r, vmin=-1, vmax=1, aspect="auto", interpolation="nearest")

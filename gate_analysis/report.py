@@ -38,14 +38,15 @@ details{margin:6px 0}.scroll{overflow-x:auto;max-width:100%}summary{cursor:point
 """
 
 # plot files shown under each section (prefix match); the rest go to "Gate plots"
+# plot files shown under each section (prefix match, in this order); the rest go to "Gate plots"
 _SECTION_PLOTS = {
-    "contributions": ("contribution",),
-    "ablation": ("ablation_",),
-    "ground_truth": ("ground_truth_",),
-    "performance": ("performance_",),
+    "contributions": ("contribution_layers", "contributions"),
+    "ablation": ("ablation_overall", "ablation_per_query", "ablation_heatmap"),
+    "ground_truth": ("ground_truth_auroc", "ground_truth_inside", "ground_truth_examples", "ground_truth_across"),
+    "performance": ("performance_scatter", "performance_correlations"),
     "failure": ("failure_cases",),
     "subset": ("subset_",),
-    "compare": ("compare_",),
+    "compare": ("compare_layer", "compare_query"),
 }
 
 
@@ -119,7 +120,9 @@ def _plots(folder):
 
 
 def _take_plots(names, prefixes, used):
-    out = [n for n in names if n.startswith(prefixes) and n not in used]
+    out = []
+    for prefix in prefixes:
+        out += [n for n in names if n.startswith(prefix) and n not in used and n not in out]
     used.update(out)
     return out
 
@@ -202,10 +205,21 @@ def build_report(folder, run=None):
                                                            sort=False)
             piv = piv[[k for k in keys if k in piv.columns]].reset_index()
             body += "<h3>Change in the run's metrics (delta)</h3>" + _table(piv)
-            body += "<h3>Per-query metrics</h3>" + _table(
-                ov[ov["metric"].str.startswith("mean_") & (ov["metric"] != "mean_saliency_abs_change")],
-                columns=["intervention", "metric", "baseline", "ablated", "delta", "n_improved", "n_worsened",
-                         "n_unchanged"])
+            pq = ov[ov["metric"].isin(["mean_top1_iou", "mean_mr_ap", "mean_hl_ap_verygood"])]
+            if len(pq):
+                rows = []
+                for name, sel in pq.groupby("intervention", sort=False):
+                    m = sel.set_index("metric")
+                    row = {"intervention": name}
+                    for key, label in (("mean_top1_iou", "top-1 IoU"), ("mean_mr_ap", "MR AP"),
+                                       ("mean_hl_ap_verygood", "HL AP")):
+                        if key in m.index:
+                            row[f"Δ mean {label}"] = m.loc[key, "delta"]
+                            row[f"{label}: better / worse / same"] = (f"{m.loc[key, 'n_improved']:.0f} / "
+                                                                      f"{m.loc[key, 'n_worsened']:.0f} / "
+                                                                      f"{m.loc[key, 'n_unchanged']:.0f}")
+                    rows.append(row)
+                body += "<h3>Per-query effects (queries better / worse / unchanged)</h3>" + _table(pd.DataFrame(rows))
         body += figs(_take_plots(plots, _SECTION_PLOTS["ablation"], used))
         sections.append(("ablation", "Interventions (ablation)", body))
 
@@ -218,9 +232,16 @@ def build_report(folder, run=None):
             body += f"<p><b>Note:</b> {_esc(n)}</p>"
         main = gto[gto["statistic"] != "not_applicable"]
         if len(main):
-            main = main.assign(col=main["scope"] + ":" + main["statistic"])
-            piv = main.pivot_table(index=["measure", "name"], columns="col", values="value", sort=False).reset_index()
-            body += _table(piv)
+            keys = {("pooled", "diff_inside_minus_outside"): "diff inside−outside (pooled)",
+                    ("pooled", "auroc_inside"): "AUROC (pooled)", ("per_query", "auroc_inside"): "AUROC (per-query mean)",
+                    ("pooled", "spearman_saliency"): "rho saliency (pooled)",
+                    ("per_query", "spearman_saliency"): "rho saliency (per-query mean)",
+                    ("across_queries", "spearman_fraction_relevant"): "rho vs fraction relevant (across queries)"}
+            main = main[[(a, b) in keys for a, b in zip(main["scope"], main["statistic"])]]
+            main = main.assign(col=[keys[(a, b)] for a, b in zip(main["scope"], main["statistic"])])
+            piv = main.pivot_table(index=["measure", "name"], columns="col", values="value", sort=False)
+            piv = piv[[c for c in keys.values() if c in piv.columns]].reset_index()
+            body += _table(piv) + "<p class='muted'>p-values and counts: gate_ground_truth_overall.csv.</p>"
         body += figs(_take_plots(plots, _SECTION_PLOTS["ground_truth"], used))
         sections.append(("ground_truth", "Gates vs ground truth", body))
 

@@ -254,3 +254,42 @@ def test_contribution_writer_streams_and_resumes(clipwise, tmp_path):
     np.testing.assert_allclose(sel["contribution"], r.contributions[(1, "mha")], rtol=1e-6)
     np.testing.assert_allclose(sel["gate_value"], r.gates[(1, "mha")], rtol=1e-6)
     np.testing.assert_allclose(sel["gate_abs"], np.abs(r.gates[(1, "mha")]), rtol=1e-6)
+
+
+def test_contributions_survive_an_interrupted_and_resumed_run(demo_data, tmp_path, monkeypatch):
+    from conftest import save_checkpoint
+    from gate_analysis import pipeline
+    from gate_analysis.pipeline import AnalysisConfig, run_analysis
+    from qd_detr import inference
+    _, paths = demo_data
+    model, opt = small_model("custom", "clipwise", seed=8)
+    ckpt = save_checkpoint(tmp_path / "model.ckpt", model, opt)
+
+    def config(out, **kw):
+        return AnalysisConfig(model_path=str(ckpt), data_path=paths["jsonl"]["val"], output_dir=str(out), device="cpu",
+                              v_feat_dirs=paths["v_feat_dirs"], t_feat_dir=paths["t_feat_dir"],
+                              a_feat_dir=paths["a_feat_dir"], batch_size=2, batching="query", no_plots=True, **kw)
+
+    full, broken, plain = tmp_path / "full", tmp_path / "broken", tmp_path / "plain"
+    for d in (full, broken, plain):
+        d.mkdir()
+    run_analysis(config(full, contributions=True), progress=False, log=lambda m: None)
+    real = inference.iterate_batches
+
+    def interrupted(*args, **kwargs):
+        for i, item in enumerate(real(*args, **kwargs)):
+            if i == 2:
+                raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr(pipeline, "iterate_batches", interrupted)
+    for out, kw in ((broken, {"contributions": True}), (plain, {})):
+        with pytest.raises(KeyboardInterrupt):
+            run_analysis(config(out, **kw), progress=False, log=lambda m: None)
+    assert (broken / "gate_contributions.partial.csv").exists() and not (broken / "gate_contributions.csv").exists()
+    monkeypatch.setattr(pipeline, "iterate_batches", real)
+    run_analysis(config(broken, contributions=True, resume=True), progress=False, log=lambda m: None)
+    assert (broken / "gate_contributions.csv").read_text() == (full / "gate_contributions.csv").read_text()
+    assert not (broken / "gate_contributions.partial.csv").exists()
+    with pytest.raises(ConfigError, match="started without it"):
+        run_analysis(config(plain, contributions=True, resume=True), progress=False, log=lambda m: None)
