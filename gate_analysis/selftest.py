@@ -64,6 +64,7 @@ def quick_check(output_dir=None, log=print):
     from gate_analysis.pipeline import AnalysisConfig, run_analysis
     from qd_detr.demo_data import make_demo_dataset
     base = output_dir or tempfile.mkdtemp(prefix="gate-quick-")
+    torch.set_num_threads(1)  # tiny models: one thread avoids OpenMP overhead (10x slower under contention)
     data = make_demo_dataset(os.path.join(base, "data"), n_videos=5, queries_per_video=2, seed=0, **SMALL_DIMS)
     n_queries = len(data["qids"]["val"])
     rows = []
