@@ -31,7 +31,6 @@ capture_contributions=True)``) gives, per query, layer and clip, ``||g_mha * a||
 """
 import contextlib
 import csv
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -50,7 +49,7 @@ from .store import GATE_KINDS, atomic_write_csv, gate_name
 __all__ = ["Intervention", "parse_interventions", "GATE_VALUES", "AUDIO_INTERVENTIONS", "clamp_gates",
            "intervention_context", "AudioInterventionDataset", "swap_sources", "dataset_mean_gates",
            "run_intervention", "compare_predictions", "overall_effects", "run_ablation", "reference_intervention",
-           "ContributionWriter", "load_contributions", "contribution_summary", "plot_ablation", "plot_contributions",
+           "ContributionWriter", "load_contributions", "contribution_summary", "contrib_layer_table", "plot_ablation", "plot_contributions",
            "CSV_COLUMNS", "PLOT_FILES", "QUERY_METRICS", "BRIEF_METRICS"]
 
 GATE_VALUES = {"zero": 0.0, "one": 1.0, "minus_one": -1.0, "mean": None}
@@ -88,7 +87,7 @@ def _metric_columns():
     cols = {}
     for m, doc in _METRIC_DOC.items():
         cols[f"base_{m}"] = f"Baseline (main pass) {doc}; empty without labels."
-        cols[f"ablated_{m}"] = f"The same under the intervention."
+        cols[f"ablated_{m}"] = "The same under the intervention."
         cols[f"delta_{m}"] = f"ablated_{m} - base_{m} (< 0: the intervention hurt this query)."
     return cols
 
@@ -730,12 +729,5 @@ def contrib_layer_table(contrib):
     out = g["contribution"].agg(median="median", p25=lambda s: s.quantile(0.25), p75=lambda s: s.quantile(0.75),
                                 mean="mean").reset_index()
     out["gate_mean"] = g["gate_value"].mean().to_numpy()
-    return out
-
-
-def write_manifest_note(output_dir, info):
-    """Write ``ablation/info.json`` (seconds and metrics per intervention)."""
-    folder = os.path.join(output_dir, ABLATION_DIR)
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "info.json"), "w") as fh:
-        json.dump(info, fh, indent=2, default=str)
+    order = [GATE_KINDS.index(k) if k in GATE_KINDS else len(GATE_KINDS) for k in out["gate"]]
+    return out.assign(_k=order).sort_values(["layer", "_k"], kind="stable").drop(columns="_k").reset_index(drop=True)

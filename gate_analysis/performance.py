@@ -282,24 +282,23 @@ def read_subset(path):
     qids = []
     with open(path, encoding="utf-8") as fh:
         for i, line in enumerate(fh, start=1):
-            text = line.split("#", 1)[0].strip() if not line.lstrip().startswith("{") else line.strip()
-            if not text:
-                continue
-            if text.startswith("{"):
+            text = line.strip()
+            if text.startswith("{"):  # a JSONL record
                 try:
-                    obj = json.loads(text)
+                    value = json.loads(text)
                 except ValueError:
                     raise DataError(f"{path}:{i}: not valid JSON") from None
-                if "qid" not in obj:
+                if not isinstance(value, dict) or "qid" not in value:
                     raise DataError(f"{path}:{i}: JSON line without a 'qid' field")
-                text = obj["qid"]
-            try:
-                qid = int(text)
-                if isinstance(text, float) or str(text).strip() != str(qid):
-                    raise ValueError
-            except (TypeError, ValueError):
-                raise DataError(f"{path}:{i}: expected an integer qid, got {str(text)[:40]!r}") from None
-            qids.append(qid)
+                value = value["qid"]
+            else:  # plain text, '#' starts a comment
+                value = text.split("#", 1)[0].strip()
+                if not value:
+                    continue
+            if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str)
+                                                                          and value.lstrip("-").isdigit())):
+                raise DataError(f"{path}:{i}: expected an integer qid, got {str(value)[:40]!r}")
+            qids.append(int(value))
     if not qids:
         raise DataError(f"{path}: the subset file lists no query id")
     return list(dict.fromkeys(qids))

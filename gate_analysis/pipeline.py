@@ -384,7 +384,9 @@ def _run_extended_analyses(cfg, model, dataset, batches, device, acc, lines, met
             frames["gate_failure_comparison.csv"] = PF.failure_comparison(pairs, perf)
             analyses["failure_cases"] = {"requested": cfg.failure_cases, "pairs": len(pairs),
                                          "success_top1_iou": PF.SUCCESS_IOU}
-            summary.append(f"failure cases: {len(pairs)} of {cfg.failure_cases} worst queries matched to successes")
+            summary.append(f"failure cases: {len(pairs)} of {cfg.failure_cases} worst queries matched to successes "
+                           f"(successful queries, top-1 IoU >= {PF.SUCCESS_IOU}: "
+                           f"{int((per_query['top1_iou'] >= PF.SUCCESS_IOU).sum())})")
             if plots and len(pairs):
                 plot_paths.append(PF.plot_failure_cases(pairs, perf, out))
         if subset_info and subset_info["mode"] == "split":

@@ -94,7 +94,7 @@ def read_checkpoint(path, trust_pickle=False):
         raise CheckpointError(f"{path}: is a directory, expected a checkpoint file")
     head = _file_head(path)
     if not head:
-        raise CheckpointError(f"{path}: the checkpoint file is empty (0 bytes)")
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (the file is empty: 0 bytes)")
     looks_like_checkpoint = head.startswith(_CHECKPOINT_MAGIC)
     try:
         if trust_pickle:
