@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark: what gate tracking and the full gate analysis cost, at QVHighlights scale (CPU).
 
-    python benchmarks/bench_gate_tracking.py                 # default run (~20 min on 2 idle cores)
+    python benchmarks/bench_gate_tracking.py                 # default run (25-50 min on 2 cores)
     python benchmarks/bench_gate_tracking.py --quick         # smoke run (a few minutes)
     python benchmarks/bench_gate_tracking.py --gating_types elementwise --repeats 5 --batch_size 32
 
