@@ -28,6 +28,7 @@ from qd_detr.errors import ConfigError, DataError
 from qd_detr.eval import per_query_metrics
 from qd_detr.inference import evaluate
 
+from .ground_truth import _spearman
 from .store import GATE_KINDS, atomic_write_csv, gate_name
 
 __all__ = ["performance_table", "correlation_table", "failure_cases", "failure_comparison", "read_subset",
@@ -122,18 +123,6 @@ PLOT_FILES = {
     "failure": "failure_cases.png",
     "subset": "subset_split.png",
 }
-
-
-def _spearman(x, y):
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    ok = np.isfinite(x) & np.isfinite(y)
-    x, y = x[ok], y[ok]
-    if x.size < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return float("nan"), float("nan"), int(x.size)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        r = stats.spearmanr(x, y)
-    return float(r.statistic), float(r.pvalue), int(x.size)
 
 
 # -- per-query table ------------------------------------------------------------------------------
