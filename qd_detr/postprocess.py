@@ -52,14 +52,21 @@ def _near_boundary(values, eps, step):
     return torch.round((values - eps) / step) != torch.round((values + eps) / step)
 
 
-def ambiguous_rows(metas, outputs, eps=2e-6):
-    """Batch rows whose windows or scores are not decided within ``eps`` of numerical noise.
+# Bounds on how much a batched forward differs from the same query run alone (kernels round
+# differently for different batch shapes). Measured with benchmarks/bench_gate_tracking.py's model
+# (default size, random weights, 256 queries, batch 32 vs 1, CPU): foreground probability 1.3e-7,
+# normalised span coordinates 3.1e-7 (4.6e-5 s on 150 s videos). The bounds keep a 4x / 6x margin.
+PROB_NOISE = 5e-7
+SPAN_NOISE = 2e-6
 
-    Batched and one-at-a-time forwards differ by ~1e-6 (kernels round differently for different
-    batch shapes). That noise changes a submission line only when two scores are nearly tied (the
-    rank order of windows flips), a score lies next to a 4-decimal rounding boundary, or a window end
-    lies next to a 2 s rounding boundary. Such rows are recomputed alone by the caller. Saliency is
-    not checked: noise there moves a float16 value by at most one float16 step.
+
+def ambiguous_rows(metas, outputs, prob_eps=PROB_NOISE, span_eps=SPAN_NOISE):
+    """Batch rows whose submission line is not decided within batching noise.
+
+    Noise changes a line only when two scores are nearly tied (the rank order of windows flips), a
+    score lies next to a 4-decimal rounding boundary, or a window end lies next to a 2 s rounding
+    boundary. Such rows are recomputed alone by the caller. Saliency is not checked: noise there
+    moves a float16 value by at most one float16 step (about 1e-7 absolute near zero).
     """
     prob = torch.softmax(outputs["pred_logits"].float(), -1)[..., 0].cpu()
     spans = outputs["pred_spans"].float().cpu()
@@ -67,8 +74,8 @@ def ambiguous_rows(metas, outputs, eps=2e-6):
     for j, meta in enumerate(metas):
         p = prob[j].sort(descending=True).values
         ends = span_cxw_to_xx(spans[j]) * meta["duration"]
-        if bool(((p[:-1] - p[1:]) < eps).any() or _near_boundary(prob[j], eps, 1e-4).any()
-                or _near_boundary(ends, eps * meta["duration"], 2.0).any()):
+        if bool(((p[:-1] - p[1:]) < prob_eps).any() or _near_boundary(prob[j], prob_eps, 1e-4).any()
+                or _near_boundary(ends, span_eps * meta["duration"], 2.0).any()):
             rows.append(j)
     return rows
 

@@ -120,3 +120,47 @@ def test_batched_equals_single_in_query_mode(demo_data, layout, gating):
         if model.fusion is not None:
             for key, g in single_gates[qid].gates.items():
                 np.testing.assert_allclose(batched_gates[qid].gates[key], g, atol=TOL, rtol=0)
+
+
+def _outputs_for(probs, spans):
+    """Model outputs whose foreground probabilities are ``probs`` [B, nq] and spans (cx, w) ``spans``."""
+    p = torch.tensor(probs, dtype=torch.float64)
+    logits = torch.stack([p.log(), (1 - p).log()], -1).float()
+    return {"pred_logits": logits, "pred_spans": torch.tensor(spans, dtype=torch.float32)}
+
+
+def test_ambiguous_rows_flags_exactly_the_rows_noise_could_change():
+    from qd_detr.postprocess import PROB_NOISE, ambiguous_rows
+    clear = [0.9, 0.7, 0.5, 0.3]
+    spans = [[0.3, 0.2]] * 4                                 # windows 15-45 s of 150 s: far from odd seconds
+    near_odd_second = [[0.3, 0.2], [0.3, 0.2], [(31 + 1e-5) / 150 - 0.05, 0.1], [0.3, 0.2]]  # an end at 31.00001 s
+    probs = [clear,
+             [0.9, 0.7, 0.7 + PROB_NOISE / 4, 0.3],       # near tie: rank order undecided
+             [0.9, 0.7, 0.12345 + PROB_NOISE / 4, 0.3],   # next to a 4-decimal rounding boundary
+             clear,                                       # window end next to a 2 s rounding boundary
+             [0.9, 0.7, 0.7 + 50 * PROB_NOISE, 0.3]]      # close, but well outside the noise
+    all_spans = [spans, spans, spans, near_odd_second, spans]
+    assert ambiguous_rows([{"duration": 150}] * 5, _outputs_for(probs, all_spans)) == [1, 2, 3]
+
+
+# (global, 1): on the development machine one query's windows differ without the exact re-runs.
+@pytest.mark.parametrize("gating,seed", [("global", 1), ("elementwise", 3)])
+def test_batched_predictions_equal_batch_size_one(demo_data, gating, seed):
+    """predict() on one ragged batch writes the windows and scores of one-query-at-a-time runs;
+    saliency (float16, not re-run) within one float16 step, or 1e-6 near zero where steps are tiny."""
+    from qd_detr.inference import predict
+    root, paths = demo_data
+    model, opt = small_model("custom", gating, seed=seed)
+    model.set_batching("query")
+    dirs = {"v_feat_dirs": paths["v_feat_dirs"], "t_feat_dir": paths["t_feat_dir"], "a_feat_dir": paths["a_feat_dir"]}
+    dataset = build_dataset(opt, read_jsonl(paths["jsonl"]["val"]), dirs)
+    device = torch.device("cpu")
+    alone = predict(model, dataset, [[i] for i in range(len(dataset))], device, progress=False)
+    stats = {}
+    batched = predict(model, dataset, [list(range(len(dataset)))], device, progress=False, stats=stats)
+    assert stats["exact_reruns"] > 0, "this model/data pair is chosen to exercise the exact re-runs"
+    assert [line["qid"] for line in batched] == [line["qid"] for line in alone]
+    for got, want in zip(batched, alone):
+        assert got["pred_relevant_windows"] == want["pred_relevant_windows"], got["qid"]
+        g, w = np.float16(got["pred_saliency_scores"]), np.float16(want["pred_saliency_scores"])
+        assert np.all(np.abs(g.astype(np.float64) - w) <= np.maximum(np.spacing(np.abs(w)), 1e-6)), got["qid"]
