@@ -15,7 +15,7 @@ import json
 import sys
 
 from gate_analysis.legacy import check_compatibility, format_report
-from qd_detr.cli import positive_int
+from qd_detr.cli import add_architecture_args, architecture_options, positive_int
 
 
 def get_args_parser():
@@ -33,6 +33,7 @@ def get_args_parser():
                    help="allow full unpickling of the checkpoint (only for files you trust)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    add_architecture_args(p)
     return p
 
 
@@ -45,7 +46,7 @@ def main(argv=None):
     try:
         report, code = check_compatibility(args.model_path, gating_type=args.gating_type,
                                            trust_pickle=args.trust_checkpoint, device=args.device, data=data,
-                                           batch_size=args.batch_size)
+                                           batch_size=args.batch_size, options=architecture_options(args))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

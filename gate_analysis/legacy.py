@@ -881,9 +881,11 @@ def _real_batch(model, opt, model_path, data, batch_size):
             "passed": cmp["passed"] and finite, "gates": gates}
 
 
-def check_compatibility(model_path, gating_type=None, trust_pickle=False, device="auto", data=None, batch_size=4):
+def check_compatibility(model_path, gating_type=None, trust_pickle=False, device="auto", data=None, batch_size=4,
+                        options=None):
     """Run every check on a checkpoint; returns ``(report, exit_code)`` (0 compatible, 1 incompatible,
-    2 unreadable or bad input). ``data``: optional dict with ``data_path`` and feature folder overrides."""
+    2 unreadable or bad input). ``data``: optional dict with ``data_path`` and feature folder overrides;
+    ``options``: what a bare state dict cannot tell (``{"nheads": 8, "fusion_n_heads": 8}``)."""
     report = {"model_path": os.path.abspath(os.fspath(model_path)), "compatible": False, "status": None,
               "reason": None, "stage": "read"}
 
@@ -905,7 +907,7 @@ def check_compatibility(model_path, gating_type=None, trust_pickle=False, device
     try:
         report["stage"] = "load"
         t0 = time.time()
-        model, opt, load_report = _load_checked(contents, gating_type, device, trust_pickle, None)
+        model, opt, load_report = _load_checked(contents, gating_type, device, trust_pickle, options)
         report.update(layout=load_report["layout"], layout_description=LAYOUT_DESCRIPTIONS.get(load_report["layout"]),
                       gating_type=load_report["gating_type"], gating_type_source=load_report["gating_type_source"],
                       fusion_layers=load_report["fusion_layers"], fusion_n_heads=load_report["fusion_n_heads"],

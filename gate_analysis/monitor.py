@@ -459,19 +459,8 @@ def summarize_gate_evolution(df):
 
 # ------------------------------------------------------------------------------------------ plots
 def _save(fig, path):
-    import matplotlib.pyplot as plt
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = os.path.join(d, f"{_TMP_PREFIX}{os.getpid()}-{os.path.basename(path)}")
-    try:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    from .plots import _save as save_png
+    return save_png(fig, path, dpi=110, bbox_inches="tight")
 
 
 def _kinds(df):

@@ -18,6 +18,7 @@ import time
 import torch
 
 from qd_detr.checkpoint import file_sha256, load_checkpoint
+from qd_detr.cli import architecture_options
 from qd_detr.dataset import has_labels, read_jsonl
 from qd_detr.errors import ConfigError, DataError
 from qd_detr.gates import GATE_KINDS, GateRecorder, fusion_gating_type, fusion_num_layers
@@ -47,11 +48,12 @@ def load_model_for_analysis(cfg):
         from legacy_model_adapter import load_legacy_model_with_gate_tracking
         model, opt, report = load_legacy_model_with_gate_tracking(
             cfg.model_path, gating_type=cfg.gating_type, device=cfg.device or "auto",
-            trust_pickle=bool(cfg.trust_checkpoint), return_details=True)
+            trust_pickle=bool(cfg.trust_checkpoint), return_details=True, options=architecture_options(cfg))
         model.fusion.disable_gate_tracking()  # the pipeline attaches its own streaming recorder
     else:
         model, opt, report = load_checkpoint(cfg.model_path, device=cfg.device or "auto",
-                                             trust_pickle=bool(cfg.trust_checkpoint), gating_type=cfg.gating_type)
+                                             trust_pickle=bool(cfg.trust_checkpoint), gating_type=cfg.gating_type,
+                                             options=architecture_options(cfg))
     model.set_batching(cfg.batching or "query")
     if model.fusion is None:
         raise NoFusionError(f"{cfg.model_path}: the model has no audio-visual fusion module "

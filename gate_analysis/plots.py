@@ -125,14 +125,14 @@ def _zero_line(ax, value_range, axis="x", kind=None):
         (ax.axvline if axis == "x" else ax.axhline)(0, color="0.3", lw=0.8, zorder=0)
 
 
-def _save(fig, path):
+def _save(fig, path, dpi=DPI, **savefig_kwargs):
     """Write ``fig`` to ``path`` as PNG via a temp file + os.replace; always close the figure."""
     path = os.fspath(path)
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     tmp = os.path.join(d, f"{_TMP_PREFIX}{os.getpid()}-{os.path.basename(path)}")
     try:
-        fig.savefig(tmp, format="png", dpi=DPI, pil_kwargs={"compress_level": 1})  # fast encode
+        fig.savefig(tmp, format="png", dpi=dpi, pil_kwargs={"compress_level": 1}, **savefig_kwargs)  # fast encode
         os.replace(tmp, path)
     finally:
         plt.close(fig)

@@ -242,7 +242,8 @@ def infer_options(sd, info, given, path):
             need.append("gating_type (global and clipwise weights have identical names and shapes, so the "
                         "weights cannot tell them apart; pass --gating_type global or --gating_type clipwise)")
         if "fusion_n_heads" not in given:
-            need.append("fusion_n_heads (the number of fusion attention heads changes no weight shape)")
+            need.append("fusion_n_heads (the number of fusion attention heads changes no weight shape; "
+                        "pass --fusion_n_heads N)")
     elif layout == "avigate":
         opt.use_avigate, opt.a_feat_dir = True, given.get("a_feat_dir", "<audio>")
         opt.v_feat_dim, opt.a_feat_dim = dim("fusion.video_proj.weight", 1), dim("fusion.audio_proj.weight", 1)
@@ -256,7 +257,7 @@ def infer_options(sd, info, given, path):
     else:
         raise CheckpointError(f"{path}: fusion weights of an unknown layout")
     if "nheads" not in given:
-        need.append("nheads (the number of transformer attention heads changes no weight shape)")
+        need.append("nheads (the number of transformer attention heads changes no weight shape; pass --nheads N)")
     if need:
         raise ConfigError(f"{path}: a bare state dict without options; cannot infer " + "; ".join(need)
                           + ". Put the training opt.json beside the checkpoint, or give these options")
@@ -303,7 +304,8 @@ def load_checkpoint(path, device="cpu", trust_pickle=False, gating_type=None, op
     """Rebuild a trained QD-DETR from ``path``; returns ``LoadedCheckpoint(model, opt, report)``.
 
     ``gating_type``: checked against the checkpoint's options (a conflict is an error) and required
-    when they do not say it. ``options``: a dict supplying options a bare state dict cannot tell.
+    when they do not say it. ``options``: a dict supplying options a bare state dict cannot tell
+    (e.g. ``{"nheads": 8, "fusion_n_heads": 8}``); a value that contradicts saved options is an error.
     The model is returned in eval mode on ``device`` with the given ``batching`` semantics.
     """
     path = os.fspath(path)
@@ -326,6 +328,10 @@ def load_checkpoint(path, device="cpu", trust_pickle=False, gating_type=None, op
         source = "inferred from weight shapes" + (f" + given {sorted(options)}" if options else "")
     if raw_opt is not None or os.path.isfile(opt_json):
         for key, value in options.items():
+            stated = getattr(opt, key, None)
+            if stated is not None and stated != value:
+                raise ConfigError(f"{path}: {key}={value} was given but the checkpoint's options say "
+                                  f"{key}={stated} ({source})")
             setattr(opt, key, value)
     layout = fusion_layout(opt)
     gating_source = None

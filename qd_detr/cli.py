@@ -10,7 +10,7 @@ import sys
 from .errors import ConfigError, ToolkitError
 
 __all__ = ["model_args", "data_args", "run_main", "prepare_output_dir", "prepare_output_file",
-           "positive_int"]
+           "positive_int", "architecture_options", "add_architecture_args"]
 
 
 def positive_int(text):
@@ -23,8 +23,26 @@ def positive_int(text):
     return value
 
 
+ARCHITECTURE_OPTIONS = ("nheads", "fusion_n_heads")
+
+
+def add_architecture_args(group):
+    """--nheads, --fusion_n_heads: what a bare state dict's weight shapes cannot tell."""
+    group.add_argument("--nheads", type=positive_int, default=None,
+                       help="transformer attention heads, for a bare state dict saved without options "
+                            "(checked against the checkpoint's options when it has them)")
+    group.add_argument("--fusion_n_heads", type=positive_int, default=None,
+                       help="fusion attention heads, for a bare state dict saved without options "
+                            "(checked against the checkpoint's options when it has them)")
+
+
+def architecture_options(args):
+    """The architecture options given on the command line, as ``load_checkpoint(options=...)`` takes them."""
+    return {k: getattr(args, k) for k in ARCHITECTURE_OPTIONS if getattr(args, k, None) is not None}
+
+
 def model_args():
-    """--model_path, --device, --gating_type, --trust_checkpoint."""
+    """--model_path, --device, --gating_type, --trust_checkpoint, --nheads, --fusion_n_heads."""
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("model")
     g.add_argument("--model_path", help="checkpoint file (.ckpt/.pth) written by QD-DETR training")
@@ -33,6 +51,7 @@ def model_args():
                    help="checked against the checkpoint's options; required only when they do not say it")
     g.add_argument("--trust_checkpoint", action="store_true",
                    help="allow full unpickling of the checkpoint (only for files you trust)")
+    add_architecture_args(g)
     return p
 
 

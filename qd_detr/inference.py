@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .checkpoint import load_checkpoint
-from .cli import data_args, model_args, prepare_output_file, run_main
+from .cli import architecture_options, data_args, model_args, prepare_output_file, run_main
 from .config import fusion_layout
 from .dataset import (QVHighlightsDataset, collate, has_labels, length_grouped_batches, model_kwargs,
                       move_to_device, read_jsonl, sequential_batches)
@@ -159,7 +159,8 @@ def main(argv=None):
     prepare_output_file(metrics_path_for(out_path), args.overwrite)  # written beside it when the data has labels
     records = read_jsonl(args.data_path)
     model, opt, report = load_checkpoint(args.model_path, device=args.device, trust_pickle=args.trust_checkpoint,
-                                         gating_type=args.gating_type, batching=args.batching)
+                                         gating_type=args.gating_type, batching=args.batching,
+                                         options=architecture_options(args))
     dirs = resolve_feature_dirs(opt, args.model_path, args.v_feat_dirs, args.t_feat_dir, args.a_feat_dir)
     dataset = build_dataset(opt, records, dirs, skip_missing=args.skip_missing)
     if len(dataset) == 0:

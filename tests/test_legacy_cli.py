@@ -167,6 +167,22 @@ def test_gating_type_conflict_and_missing_gating_type_exit_2(capsys, small_ckpt,
     assert "identical weight names and shapes" in rep["checkpoint"]["gating_type_source"]
 
 
+def test_bare_state_dict_loads_with_architecture_flags(capsys, small_ckpt, tmp_path):
+    """What weight shapes cannot tell comes from flags; flags that contradict saved options are errors."""
+    path, model, opt = small_ckpt
+    bare = tmp_path / "bare.ckpt"
+    torch.save(model.state_dict(), bare)
+    code, rep, err = _report(capsys, ["--model_path", str(bare), "--gating_type", "clipwise"])
+    assert code == 2 and "--nheads" in rep["reason"] and "--fusion_n_heads" in rep["reason"]
+    code, rep, err = _report(capsys, ["--model_path", str(bare), "--gating_type", "clipwise",
+                                      "--nheads", str(opt.nheads), "--fusion_n_heads", str(opt.fusion_n_heads)])
+    assert code == 0 and rep["compatible"] and rep["gating_type_source"] == "given", err
+    assert rep["fusion_n_heads"] == opt.fusion_n_heads
+    wrong = opt.nheads * 2
+    code, rep, err = _report(capsys, ["--model_path", str(path), "--nheads", str(wrong)])
+    assert code == 2 and f"nheads={wrong} was given but the checkpoint's options say nheads={opt.nheads}" in err
+
+
 def test_text_report_lists_every_section(capsys, small_ckpt):
     code = compat_cli.main(["--model_path", str(small_ckpt[0]), "--device", "cpu"])
     out = capsys.readouterr().out
@@ -232,3 +248,16 @@ def test_legacy_flag_puts_the_proof_in_the_summary(legacy_and_plain_runs):
     tmp, _, legacy = legacy_and_plain_runs
     summary = (tmp / "legacy" / "summary.txt").read_text()
     assert legacy["checkpoint"]["load_report"]["legacy_adapter"]["summary"] in summary
+
+
+def test_bare_state_dict_analysis_with_flags_equals_the_full_checkpoint(legacy_and_plain_runs, demo_data):
+    """A bare state dict plus --gating_type/--nheads/--fusion_n_heads gives the full checkpoint's results."""
+    tmp, _, _ = legacy_and_plain_runs
+    full = torch.load(tmp / "model.ckpt", weights_only=False)
+    torch.save(full["model"], tmp / "bare.ckpt")
+    opt, paths = full["opt"], demo_data[1]
+    flags = ["--gating_type", "global", "--nheads", str(opt.nheads), "--fusion_n_heads", str(opt.fusion_n_heads)]
+    for name, extra in (("bare", flags), ("bare_legacy", flags + ["--legacy_model"])):
+        _analysis(tmp / name, tmp / "bare.ckpt", paths, extra)
+        for f in ("predictions.jsonl", "gate_stats_per_query.csv"):
+            assert filecmp.cmp(tmp / "plain" / f, tmp / name / f, shallow=False), (name, f)
