@@ -71,6 +71,8 @@ CSV_COLUMNS = {
         "note": "Explanation where a comparison does not apply.",
     },
 }
+_ROW_STATS = ("n_clips", "n_inside", "fraction_relevant", "mean_inside", "mean_outside", "diff_inside_minus_outside",
+              "auroc_inside", "spearman_saliency", "spearman_p_value")
 PLOT_FILES = {
     "distributions": "ground_truth_auroc_spearman.png",
     "inside_outside": "ground_truth_inside_outside.png",
@@ -142,21 +144,62 @@ def _spearman(x, y):
     return float(res.statistic), float(res.pvalue), int(x.size)
 
 
+def _spearman_rows(x, y, x_ranks=None):
+    """Spearman rho and two-sided p-value of each row of ``x`` [G, T] against ``y`` [T], computed as
+    ``scipy.stats.spearmanr`` does (Pearson correlation of average ranks, Student t with T - 2 dof);
+    NaN where a row or ``y`` is constant or T < 3. Rows with non-finite values go through ``_spearman``.
+    ``x_ranks``: ``rankdata(x, axis=1)`` when already computed."""
+    g, t = x.shape
+    rho, p = np.full(g, np.nan), np.full(g, np.nan)
+    finite = np.isfinite(x).all(axis=1) & bool(np.isfinite(y).all())
+    for i in np.flatnonzero(~finite):
+        rho[i], p[i], _ = _spearman(x[i], y)
+    ok = finite & (np.ptp(x, axis=1) > 0) & (t >= 3) & (np.ptp(y) > 0 if t else False)
+    if ok.any():
+        rx = (stats.rankdata(x, axis=1) if x_ranks is None else x_ranks)[ok]
+        rx = rx - rx.mean(axis=1, keepdims=True)
+        ry = stats.rankdata(y)
+        ry -= ry.mean()
+        r = np.clip((rx @ ry) / np.sqrt((rx * rx).sum(axis=1) * (ry @ ry)), -1.0, 1.0)
+        with np.errstate(divide="ignore"):
+            tt = r * np.sqrt((t - 2) / ((r + 1.0) * (1.0 - r))).clip(0)
+        rho[ok], p[ok] = r, np.minimum(2 * stats.t.sf(np.abs(tt), t - 2), 1.0)
+    return rho, p
+
+
+def _query_rows(vals, inside, saliency):
+    """Per-query statistics (columns ``_ROW_STATS``) of each row of ``vals`` [G, T] against one query's
+    labels: ``inside`` bool [T] and ``saliency`` [T]."""
+    g, t = vals.shape
+    n_in = int(inside.sum())
+    out = np.full((g, len(_ROW_STATS)), np.nan)
+    out[:, 0], out[:, 1] = t, n_in
+    out[:, 2] = n_in / t if t else np.nan
+    if n_in:
+        out[:, 3] = vals[:, inside].mean(axis=1)
+    if n_in < t:
+        out[:, 4] = vals[:, ~inside].mean(axis=1)
+    out[:, 5] = out[:, 3] - out[:, 4]
+    ranks = stats.rankdata(vals, axis=1) if t else None  # average ranks of ties, as ``midranks``
+    if 0 < n_in < t:
+        u = ranks[:, inside].sum(axis=1) - n_in * (n_in + 1) / 2.0
+        out[:, 6] = np.where(np.isnan(vals).any(axis=1), np.nan, u / (n_in * (t - n_in)))
+    out[:, 7], out[:, 8] = _spearman_rows(vals, saliency, ranks)
+    return out
+
+
 def query_ground_truth(values, inside, saliency):
     """Statistics of one query's per-clip ``values`` (T,) against its labels (a dict)."""
-    v = np.asarray(values, dtype=np.float64)
-    n_in = int(inside.sum())
-    rho, p, _ = _spearman(v, saliency)
-    m_in = float(v[inside].mean()) if n_in else float("nan")
-    m_out = float(v[~inside].mean()) if n_in < v.size else float("nan")
-    return {"n_clips": int(v.size), "n_inside": n_in, "fraction_relevant": n_in / v.size if v.size else np.nan,
-            "mean_inside": m_in, "mean_outside": m_out, "diff_inside_minus_outside": m_in - m_out,
-            "auroc_inside": auroc(v, inside), "spearman_saliency": rho, "spearman_p_value": p}
+    row = _query_rows(np.asarray(values, dtype=np.float64).reshape(1, -1), inside, saliency)[0]
+    out = dict(zip(_ROW_STATS, row.tolist()))
+    out["n_clips"], out["n_inside"] = int(out["n_clips"]), int(out["n_inside"])
+    return out
 
 
 def _per_clip(arr):
-    a = np.asarray(arr, dtype=np.float64)
-    return a.mean(axis=1) if a.ndim == 2 else a.reshape(-1)
+    """Per-clip float64 values: elementwise (T, D) gates averaged over D (float64 sums), else as they are."""
+    a = np.asarray(arr)
+    return a.mean(axis=1, dtype=np.float64) if a.ndim == 2 else a.astype(np.float64).reshape(-1)
 
 
 def _contribution_arrays(contrib):
@@ -181,89 +224,173 @@ def _wilcoxon(values, center):
             return float("nan")
 
 
+class GroundTruthAccumulator:
+    """Ground-truth statistics streamed query by query: ``add`` each query's gates (or contributions),
+    then ``tables()`` / ``write()``. Kept per query: its statistics and its per-clip values (for the
+    pooled statistics): about 5 KB per query with 4 fusion layers and 75 clips.
+
+    ``records``: JSONL records (only labelled ones are used); ``gating_type``, ``layers``, ``kinds``:
+    those of the gate run (layers and kinds default to the keys of the first query added)."""
+
+    def __init__(self, records, gating_type=None, layers=(), kinds=GATE_KINDS):
+        self.labelled = {r["qid"]: r for r in records if r.get("relevant_clip_ids")}
+        self.gating_type = gating_type
+        self.layers, self.kinds = list(layers), tuple(kinds)
+        self._m = {}  # measure -> per-query lists
+
+    def wants(self, qid):
+        return qid in self.labelled
+
+    def _per_clip_measure(self, measure):
+        return measure == "contribution" or self.gating_type in PER_CLIP_GATING_TYPES
+
+    def add(self, measure, qid, arrays, n_clips=None):
+        """Add one query: ``arrays`` {(layer, kind): array} of gates (any layout) or per-clip contributions.
+        ``n_clips``: the query's valid clips (only needed for global gates). Unlabelled queries are ignored."""
+        rec = self.labelled.get(qid)
+        if rec is None:
+            return
+        st = self._m.get(measure)
+        if st is None:
+            if not self.layers:
+                self.layers = sorted({layer for layer, _ in arrays})
+            kind_order = {k: i for i, k in enumerate(self.kinds)}
+            keys = sorted(arrays, key=lambda key: (key[0], kind_order.get(key[1], len(kind_order)), str(key[1])))
+            st = self._m[measure] = {"keys": keys, "qids": [], "vals": [], "rows": [], "means": [], "fracs": []}
+        try:
+            raw = [arrays[key] for key in st["keys"]]
+        except KeyError as exc:
+            raise ValueError(f"qid {qid}: {measure} of {exc.args[0]} missing (other queries have it)") from None
+        vals = np.stack([_per_clip(a) for a in raw])  # [G, T] float64 (global: [G, 1])
+        st["qids"].append(qid)
+        st["means"].append(vals.mean(axis=1))
+        if not self._per_clip_measure(measure):
+            n = -1 if n_clips is None else int(n_clips)
+            inside, _ = clip_labels(rec, n) if n > 0 else (np.zeros(0, bool), None)
+            st["fracs"].append(inside.mean() if inside.size else np.nan)
+            return
+        rows = _query_rows(vals, *clip_labels(rec, vals.shape[1]))
+        st["rows"].append(rows)
+        st["fracs"].append(rows[0, 2])
+        st["vals"].append(vals)
+
+    def add_contributions(self, contributions):
+        """Add a ``gate_contributions.csv`` DataFrame (measure ``contribution``)."""
+        if contributions is not None and len(contributions):
+            for qid, arrays in _contribution_arrays(contributions).items():
+                self.add("contribution", qid, arrays)
+
+    def _measures(self):
+        return [m for m in MEASURES if m in self._m] + [m for m in self._m if m not in MEASURES]
+
+    def across_queries(self):
+        """One row per measure x query x gate: the query's mean value and its fraction of relevant clips."""
+        frames = []
+        for measure in self._measures():
+            st = self._m[measure]
+            g = len(st["keys"])
+            frames.append(pd.DataFrame({
+                "measure": measure, "qid": np.repeat(st["qids"], g),
+                "layer": [layer for layer, _ in st["keys"]] * len(st["qids"]),
+                "gate": [kind for _, kind in st["keys"]] * len(st["qids"]),
+                "mean": np.asarray(st["means"], dtype=np.float64).reshape(-1),
+                "frac": np.repeat(np.asarray(st["fracs"], dtype=np.float64), g)}))
+        return pd.concat(frames, ignore_index=True) if frames else \
+            pd.DataFrame(columns=["measure", "qid", "layer", "gate", "mean", "frac"])
+
+    def per_query_table(self):
+        cols = list(CSV_COLUMNS["gate_ground_truth.csv"])
+        frames = []
+        for measure in self._measures():
+            st = self._m[measure]
+            if not st["rows"]:
+                continue
+            keys, nq = st["keys"], len(st["qids"])
+            stats_ = np.concatenate(st["rows"])
+            df = pd.DataFrame({
+                "qid": np.repeat(st["qids"], len(keys)),
+                "vid": np.repeat([str(self.labelled[q].get("vid", "")) for q in st["qids"]], len(keys)),
+                "layer": [layer for layer, _ in keys] * nq, "gate": [kind for _, kind in keys] * nq,
+                "name": [gate_name(layer, kind) for layer, kind in keys] * nq, "measure": measure,
+                **{k: stats_[:, i] for i, k in enumerate(_ROW_STATS)}})
+            frames.append(df.astype({"n_clips": np.int64, "n_inside": np.int64}))
+        return pd.concat(frames, ignore_index=True)[cols] if frames else pd.DataFrame(columns=cols)
+
+    def tables(self):
+        """(per-query DataFrame, overall DataFrame) with the columns of ``CSV_COLUMNS``."""
+        per_query = self.per_query_table()
+        across = self.across_queries()
+        overall = []
+
+        def add(measure, layer, kind, scope, statistic, value, n, p=np.nan, note=""):
+            overall.append({"layer": layer, "gate": kind, "name": gate_name(layer, kind), "measure": measure,
+                            "scope": scope, "statistic": statistic, "value": value, "n": n, "p_value": p,
+                            "note": note})
+
+        for measure in self._measures():
+            st = self._m[measure]
+            labels = None
+            for layer in self.layers:
+                for kind in self.kinds:
+                    if (layer, kind) not in st["keys"]:
+                        continue
+                    if not self._per_clip_measure(measure):
+                        add(measure, layer, kind, "within_query", "not_applicable", np.nan, 0, note=GLOBAL_NOTE)
+                    elif st["vals"]:
+                        if labels is None:  # pooled clip labels, rebuilt from the records
+                            parts = [clip_labels(self.labelled[q], v.shape[1]) for q, v in zip(st["qids"], st["vals"])]
+                            labels = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+                        g = st["keys"].index((layer, kind))
+                        v = np.concatenate([a[g] for a in st["vals"]])
+                        _pooled_rows(add, measure, layer, kind, v, *labels)
+                        sel = per_query[(per_query["measure"] == measure) & (per_query["layer"] == layer)
+                                        & (per_query["gate"] == kind)]
+                        for stat, center in (("diff_inside_minus_outside", 0.0), ("auroc_inside", 0.5),
+                                             ("spearman_saliency", 0.0)):
+                            x = sel[stat].to_numpy(float)
+                            ok = np.isfinite(x)
+                            add(measure, layer, kind, "per_query", stat, float(x[ok].mean()) if ok.any() else np.nan,
+                                int(ok.sum()), _wilcoxon(x, center))
+                    qm = across[(across["measure"] == measure) & (across["layer"] == layer) & (across["gate"] == kind)]
+                    if len(qm):
+                        rho, p, n = _spearman(qm["mean"], qm["frac"])
+                        add(measure, layer, kind, "across_queries", "spearman_fraction_relevant", rho, n, p)
+        overall = pd.DataFrame(overall, columns=list(CSV_COLUMNS["gate_ground_truth_overall.csv"]))
+        return per_query, overall
+
+    def write(self, output_dir):
+        """Write both CSVs; returns ``(per_query, overall, {key: path})``, or ``(None, None, {})`` when
+        no record is labelled."""
+        if not self.labelled:
+            return None, None, {}
+        per_query, overall = self.tables()
+        paths = {}
+        for key, df in (("per_query", per_query), ("overall", overall)):
+            name = list(CSV_COLUMNS)[0 if key == "per_query" else 1]
+            paths[key] = atomic_write_csv(df, os.path.join(output_dir, name), float_format="%.9g")
+        return per_query, overall, paths
+
+
+def _accumulate(records, gate_run=None, contributions=None):
+    acc = GroundTruthAccumulator(records, getattr(gate_run, "gating_type", None),
+                                 getattr(gate_run, "layers", ()), tuple(getattr(gate_run, "kinds", GATE_KINDS)))
+    if gate_run is not None:
+        for qid in gate_run.qids:
+            if acc.wants(qid):
+                acc.add("gate", qid, gate_run.gates(qid), n_clips=gate_run.n_clips.get(qid, -1))
+    acc.add_contributions(contributions)
+    return acc
+
+
 def ground_truth_tables(records, gate_run=None, contributions=None):
     """(per-query DataFrame, overall DataFrame) with the columns of ``CSV_COLUMNS``.
 
     ``records``: JSONL records (labelled ones are used); ``gate_run``: a GateRun (or None);
     ``contributions``: a ``gate_contributions.csv`` DataFrame (or None)."""
-    labelled = {r["qid"]: r for r in records if r.get("relevant_clip_ids")}
-    sources = {}
-    gating_type = getattr(gate_run, "gating_type", None)
-    layers = list(getattr(gate_run, "layers", []))
-    kinds = tuple(getattr(gate_run, "kinds", GATE_KINDS))
-    if gate_run is not None:
-        sources["gate"] = gate_run
-    if contributions is not None and len(contributions):
-        sources["contribution"] = _contribution_arrays(contributions)
-        if not layers:
-            layers = sorted(int(l) for l in contributions["layer"].unique())
-    rows, query_means = [], []
-    for measure, src in sources.items():
-        qids = [q for q in (src.qids if measure == "gate" else list(src)) if q in labelled]
-        for qid in qids:
-            arrays = src.gates(qid) if measure == "gate" else src[qid]
-            for (layer, kind), arr in arrays.items():
-                vals = _per_clip(arr)
-                rec = labelled[qid]
-                if measure == "gate" and gating_type not in PER_CLIP_GATING_TYPES:
-                    n = gate_run.n_clips.get(qid, -1)
-                    inside, _ = clip_labels(rec, n) if n > 0 else (np.zeros(0, bool), None)
-                    frac = inside.mean() if inside.size else np.nan
-                    query_means.append((measure, layer, kind, qid, float(vals.mean()), frac))
-                    continue
-                inside, sal = clip_labels(rec, vals.size)
-                row = {"qid": qid, "vid": str(rec.get("vid", "")), "layer": layer, "gate": kind,
-                       "name": gate_name(layer, kind), "measure": measure, **query_ground_truth(vals, inside, sal)}
-                rows.append(row)
-                query_means.append((measure, layer, kind, qid, float(vals.mean()), row["fraction_relevant"]))
-    per_query = pd.DataFrame(rows, columns=list(CSV_COLUMNS["gate_ground_truth.csv"]))
-
-    overall = []
-
-    def add(measure, layer, kind, scope, statistic, value, n, p=np.nan, note=""):
-        overall.append({"layer": layer, "gate": kind, "name": gate_name(layer, kind), "measure": measure,
-                        "scope": scope, "statistic": statistic, "value": value, "n": n, "p_value": p, "note": note})
-
-    for measure, src in sources.items():
-        for layer in layers:
-            for kind in kinds:
-                if measure == "gate" and gating_type not in PER_CLIP_GATING_TYPES:
-                    add(measure, layer, kind, "within_query", "not_applicable", np.nan, 0, note=GLOBAL_NOTE)
-                else:
-                    _pooled_rows(add, measure, layer, kind, src, labelled, gate_run if measure == "gate" else None)
-                    sel = per_query[(per_query["measure"] == measure) & (per_query["layer"] == layer)
-                                    & (per_query["gate"] == kind)]
-                    for stat, center in (("diff_inside_minus_outside", 0.0), ("auroc_inside", 0.5),
-                                         ("spearman_saliency", 0.0)):
-                        v = sel[stat].to_numpy(float)
-                        ok = np.isfinite(v)
-                        add(measure, layer, kind, "per_query", stat, float(v[ok].mean()) if ok.any() else np.nan,
-                            int(ok.sum()), _wilcoxon(v, center))
-                qm = [(m, f) for (ms, l, k, _, m, f) in query_means if ms == measure and l == layer and k == kind]
-                if qm:
-                    rho, p, n = _spearman([m for m, _ in qm], [f for _, f in qm])
-                    add(measure, layer, kind, "across_queries", "spearman_fraction_relevant", rho, n, p)
-    overall = pd.DataFrame(overall, columns=list(CSV_COLUMNS["gate_ground_truth_overall.csv"]))
-    return per_query, overall
+    return _accumulate(records, gate_run, contributions).tables()
 
 
-def _pooled_rows(add, measure, layer, kind, src, labelled, gate_run):
-    vals, ins, sals = [], [], []
-    qids = src.qids if gate_run is not None else list(src)
-    for qid in qids:
-        if qid not in labelled:
-            continue
-        arr = gate_run.gate(qid, layer, kind) if gate_run is not None else src[qid].get((layer, kind))
-        if arr is None:
-            continue
-        v = _per_clip(arr)
-        inside, sal = clip_labels(labelled[qid], v.size)
-        vals.append(v)
-        ins.append(inside)
-        sals.append(sal)
-    if not vals:
-        return
-    v, inside, sal = np.concatenate(vals), np.concatenate(ins), np.concatenate(sals)
+def _pooled_rows(add, measure, layer, kind, v, inside, sal):
     n_in = int(inside.sum())
     m_in = float(v[inside].mean()) if n_in else np.nan
     m_out = float(v[~inside].mean()) if n_in < v.size else np.nan
@@ -278,20 +405,14 @@ def _pooled_rows(add, measure, layer, kind, src, labelled, gate_run):
 def write_ground_truth(records, output_dir, gate_run=None, contributions=None):
     """Write both CSVs into ``output_dir``; returns ``(per_query, overall, {key: path})``, or
     ``(None, None, {})`` when no record is labelled."""
-    if not any(r.get("relevant_clip_ids") for r in records):
-        return None, None, {}
-    per_query, overall = ground_truth_tables(records, gate_run, contributions)
-    paths = {}
-    for key, df in (("per_query", per_query), ("overall", overall)):
-        name = list(CSV_COLUMNS)[0 if key == "per_query" else 1]
-        paths[key] = atomic_write_csv(df, os.path.join(output_dir, name), float_format="%.9g")
-    return per_query, overall, paths
+    return _accumulate(records, gate_run, contributions).write(output_dir)
 
 
 # -- plots ----------------------------------------------------------------------------------------
 def plot_ground_truth(per_query, overall, output_dir, records=None, gate_run=None, contributions=None,
-                      n_examples=4):
-    """Figures of ``PLOT_FILES`` (those that apply); returns the written paths."""
+                      n_examples=4, across=None):
+    """Figures of ``PLOT_FILES`` (those that apply); returns the written paths. ``across``: the
+    accumulator's ``across_queries()`` when at hand (else computed from records, gate run, contributions)."""
     from . import plots as P
     plt = P.plt
     out = os.path.join(output_dir, "plots")
@@ -301,9 +422,10 @@ def plot_ground_truth(per_query, overall, output_dir, records=None, gate_run=Non
     if measures:
         paths.append(_plot_distributions(P, plt, per_query, measures, os.path.join(out, PLOT_FILES["distributions"])))
         paths.append(_plot_inside_outside(P, plt, per_query, measures, os.path.join(out, PLOT_FILES["inside_outside"])))
-    if records is not None and (gate_run is not None or contributions is not None):
-        paths.append(_plot_across_queries(P, plt, records, gate_run, contributions,
-                                          os.path.join(out, PLOT_FILES["across_queries"])))
+    if across is None and records is not None and (gate_run is not None or contributions is not None):
+        across = _accumulate(records, gate_run, contributions).across_queries()
+    if across is not None:
+        paths.append(_plot_across_queries(P, plt, across, os.path.join(out, PLOT_FILES["across_queries"])))
     if records is not None and gate_run is not None and gate_run.gating_type in PER_CLIP_GATING_TYPES:
         p = _plot_examples(P, plt, records, gate_run, n_examples, os.path.join(out, PLOT_FILES["examples"]))
         if p:
@@ -395,28 +517,8 @@ def _plot_inside_outside(P, plt, per_query, measures, path):
     return P._save(fig, path)
 
 
-def _plot_across_queries(P, plt, records, gate_run, contributions, path):
-    labelled = {r["qid"]: r for r in records if r.get("relevant_clip_ids")}
-    rows = []
-    if gate_run is not None:
-        for qid in gate_run.qids:
-            if qid not in labelled:
-                continue
-            n = gate_run.n_clips.get(qid, -1)
-            for (layer, kind), arr in gate_run.gates(qid).items():
-                v = _per_clip(arr)
-                t = v.size if gate_run.gating_type in PER_CLIP_GATING_TYPES else n
-                if t <= 0:
-                    continue
-                inside, _ = clip_labels(labelled[qid], t)
-                rows.append(("gate", layer, kind, float(v.mean()), float(inside.mean())))
-    if contributions is not None and len(contributions):
-        for (qid, layer, kind), sel in contributions.groupby(["qid", "layer", "gate"], sort=False):
-            if int(qid) in labelled:
-                inside, _ = clip_labels(labelled[int(qid)], len(sel))
-                rows.append(("contribution", int(layer), kind, float(sel["contribution"].mean()),
-                             float(inside.mean())))
-    df = pd.DataFrame(rows, columns=["measure", "layer", "gate", "mean", "frac"])
+def _plot_across_queries(P, plt, df, path):
+    """``df``: ``GroundTruthAccumulator.across_queries()``."""
     measures = [m for m in MEASURES if (df["measure"] == m).any()]
     kinds = [k for k in GATE_KINDS if (df["gate"] == k).any()]
     fig, axes = plt.subplots(max(len(measures), 1), max(len(kinds), 1),

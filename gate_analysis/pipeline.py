@@ -26,6 +26,7 @@ from qd_detr.inference import build_dataset, evaluate, iterate_batches, make_bat
 from qd_detr.model import NoFusionError
 from qd_detr.postprocess import submission_lines, write_json, write_jsonl
 
+from .ground_truth import GroundTruthAccumulator
 from .stats import GateStatsAccumulator, write_stats_csvs
 from .store import GateStoreWriter, iter_shard_queries, load_gate_run
 
@@ -97,13 +98,14 @@ def _check_resumable(run_json, manifest):
     return previous
 
 
-def _resume_state(out, partial, acc, previous):
-    """(prediction lines, loop stats) of the batches an interrupted run completed; feeds ``acc``."""
+def _resume_state(out, partial, acc, gt, previous):
+    """(prediction lines, loop stats) of the batches an interrupted run completed; feeds ``acc`` and ``gt``."""
     if previous is None:
         return [], {}
     stored = set()
     for qid, vid, n_clips, gates in iter_shard_queries(out):
         acc.update(qid, gates, vid=vid, n_clips=n_clips)
+        gt.add("gate", qid, gates, n_clips=n_clips)
         stored.add(qid)
     lines = []
     if os.path.exists(partial):
@@ -169,8 +171,9 @@ def run_analysis(cfg, progress=True, log=print):
     writer = GateStoreWriter(out, gating_type, num_layers, hidden_dim=model.hidden_dim, resume=bool(cfg.resume),
                              overwrite=not cfg.resume, extra_meta={"model_path": os.path.abspath(cfg.model_path)})
     acc = GateStatsAccumulator(gating_type, layers, kinds=GATE_KINDS)
+    gt = GroundTruthAccumulator(dataset.records, gating_type, layers, GATE_KINDS)
     partial = os.path.join(out, PARTIAL_PREDICTIONS_FILE)
-    lines, loop_stats = _resume_state(out, partial, acc, previous)
+    lines, loop_stats = _resume_state(out, partial, acc, gt, previous)
     done = {line["qid"] for line in lines}
     todo = [b for b in batches if not all(dataset.records[i]["qid"] in done for i in b)]
     contrib = _contribution_writer(cfg, out, previous, done)
@@ -180,6 +183,7 @@ def run_analysis(cfg, progress=True, log=print):
             vid = meta[rec.sample_id]["vid"]
             writer.add(rec.sample_id, vid, rec.gates, n_clips=rec.n_clips)
             acc.update(rec.sample_id, rec.gates, vid=vid, n_clips=rec.n_clips)
+            gt.add("gate", rec.sample_id, rec.gates, n_clips=rec.n_clips)
             if contrib is not None:
                 contrib.add(rec, vid)
 
@@ -228,7 +232,7 @@ def run_analysis(cfg, progress=True, log=print):
         if missing:
             raise ConfigError(f"--compare_samples: qid(s) {missing} are not in {cfg.data_path}")
         plot_paths = plot_all(acc, load_gate_run(out), out, compare_qids=compare)
-    extended = _run_extended_analyses(cfg, model, dataset, batches, device, acc, lines, metrics, interventions,
+    extended = _run_extended_analyses(cfg, model, dataset, batches, device, acc, gt, lines, metrics, interventions,
                                       subset_info, manifest, progress, log)
 
     layer_table = acc.layer_stats()
@@ -311,7 +315,7 @@ def _contribution_writer(cfg, out, previous, done):
     return ContributionWriter(out, keep_qids=done if previous is not None else None)
 
 
-def _run_extended_analyses(cfg, model, dataset, batches, device, acc, lines, metrics, interventions, subset_info,
+def _run_extended_analyses(cfg, model, dataset, batches, device, acc, gt, lines, metrics, interventions, subset_info,
                            manifest, progress, log):
     """Contributions, interventions, ground truth, performance link, failure cases, subset split and run
     comparison (each when its options and the data allow). Returns {"analyses", "files", "plots", "summary"}."""
@@ -359,11 +363,13 @@ def _run_extended_analyses(cfg, model, dataset, batches, device, acc, lines, met
                                f"{int((sel['top1_window_iou_vs_base'] < 1).sum())}/{len(sel)} queries")
 
     run = load_gate_run(out)
-    gt_pq, gt_ov, gt_files = GT.write_ground_truth(records, out, gate_run=run, contributions=contrib)
+    gt.add_contributions(contrib)
+    gt_pq, gt_ov, gt_files = gt.write(out)
     if gt_files:
         files.update(ground_truth="gate_ground_truth.csv", ground_truth_overall="gate_ground_truth_overall.csv")
         if plots:
-            plot_paths += GT.plot_ground_truth(gt_pq, gt_ov, out, records=records, gate_run=run, contributions=contrib)
+            plot_paths += GT.plot_ground_truth(gt_pq, gt_ov, out, records=records, gate_run=run,
+                                               across=gt.across_queries())
         pooled = gt_ov[(gt_ov["scope"] == "pooled") & (gt_ov["statistic"] == "auroc_inside")
                        & (gt_ov["measure"] == "gate")]
         if len(pooled):

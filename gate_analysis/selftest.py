@@ -90,8 +90,10 @@ def quick_check(output_dir=None, log=print):
 
 
 def _run(cmd, **kwargs):
+    """(exit code, detail): the last stdout line on success, else the last stderr line (the error)."""
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, **kwargs)
-    tail = (proc.stdout + proc.stderr).strip().splitlines()[-1:] or [""]
+    first, second = (proc.stdout, proc.stderr) if proc.returncode == 0 else (proc.stderr, proc.stdout)
+    tail = (first.strip() or second.strip()).splitlines()[-1:] or [""]
     return proc.returncode, tail[0][:160]
 
 

@@ -172,3 +172,35 @@ def test_model_gates_set_to_follow_the_audio_signal_separate_relevant_clips(demo
     files = plot_ground_truth(pq, ov, tmp_path, records=records, gate_run=run)
     assert {p.rsplit("/", 1)[1] for p in files} == {"ground_truth_auroc_spearman.png", "ground_truth_inside_outside.png",
                                                     "ground_truth_across_queries.png", "ground_truth_examples.png"}
+
+
+def test_per_query_statistics_equal_scipy_and_the_pairwise_definitions():
+    """The vectorised per-query rows: Spearman rho/p as scipy.stats.spearmanr, AUROC as pairwise counts,
+    NaN where a statistic is undefined (constant row, no saliency, one side empty)."""
+    from gate_analysis.ground_truth import query_ground_truth
+    rng = np.random.default_rng(5)
+    for _ in range(30):
+        t = int(rng.integers(3, 40))
+        v = rng.integers(0, 6, size=t).astype(float) / 5  # ties on purpose
+        inside = rng.random(t) < 0.4
+        sal = np.where(inside, rng.integers(0, 5, size=t) / 3, 0.0)
+        got = query_ground_truth(v, inside, sal)
+        if np.ptp(v) > 0 and np.ptp(sal) > 0:
+            want = stats.spearmanr(v, sal)
+            assert got["spearman_saliency"] == pytest.approx(want.statistic, rel=1e-12, abs=1e-15)
+            assert got["spearman_p_value"] == pytest.approx(want.pvalue, rel=1e-9, abs=1e-15)
+        else:
+            assert np.isnan(got["spearman_saliency"]) and np.isnan(got["spearman_p_value"])
+        if inside.any() and not inside.all():
+            pos, neg = v[inside], v[~inside]
+            pairwise = ((pos[:, None] > neg).sum() + 0.5 * (pos[:, None] == neg).sum()) / (pos.size * neg.size)
+            assert got["auroc_inside"] == pytest.approx(pairwise)
+            assert got["diff_inside_minus_outside"] == pytest.approx(pos.mean() - neg.mean())
+        else:
+            assert np.isnan(got["auroc_inside"])
+        assert got["n_clips"] == t and got["n_inside"] == int(inside.sum())
+    v = np.linspace(-1, 1, 10)
+    inside = np.arange(10) >= 5
+    assert np.isnan(query_ground_truth(np.ones(10), inside, v)["spearman_saliency"])       # constant values
+    assert np.isnan(query_ground_truth(v, inside, np.full(10, np.nan))["spearman_saliency"])  # no saliency
+    assert query_ground_truth(v, inside, v)["spearman_saliency"] == pytest.approx(1.0)

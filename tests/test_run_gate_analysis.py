@@ -56,6 +56,18 @@ def test_outputs_are_complete_and_documented(elementwise_run):
     assert "layers.0.gate_mha" in stdout and "outputs in" in stdout
 
 
+def test_streamed_ground_truth_equals_the_stored_gates(elementwise_run, tmp_path):
+    """The pipeline computes the ground-truth tables while it infers; recomputing them from the stored
+    gates writes byte-identical CSVs."""
+    from gate_analysis.ground_truth import CSV_COLUMNS as GT_COLUMNS, write_ground_truth
+    model, opt, paths, out, stdout = elementwise_run
+    records = read_jsonl(paths["jsonl"]["val"])
+    per_query, _, written = write_ground_truth(records, tmp_path, gate_run=load_gate_run(out))
+    assert len(per_query) == len(records) * 2 * 2
+    for name in GT_COLUMNS:
+        assert (tmp_path / name).read_bytes() == (out / name).read_bytes(), name
+
+
 def test_stored_gates_equal_a_direct_forward_per_query(elementwise_run):
     """Every stored gate equals the model's gate for that query alone, padding excluded."""
     model, opt, paths, out, _ = elementwise_run
