@@ -9,11 +9,17 @@ only per-query summary rows are kept. ``run.json`` says ``"status": "running"`` 
 is written, so an interrupted run never looks complete.
 """
 import datetime
+import functools
 import json
+import multiprocessing
 import os
 import platform
+import queue
 import shutil
+import sys
+import threading
 import time
+import traceback
 
 import torch
 
@@ -41,6 +47,101 @@ RUN_FILE = "run.json"
 class AnalysisConfig(dict):
     """Arguments of one analysis run (a dict with attribute access; stored in run.json)."""
     __getattr__ = dict.get
+
+
+class OrderedWorker:
+    """Runs submitted calls one at a time, in order, on a background thread (numpy and file writes
+    release the GIL, so this overlaps the model's next forward pass). At most ``max_pending`` calls
+    wait; a call's exception is re-raised in the submitting thread (next ``submit`` or ``close``)."""
+
+    def __init__(self, max_pending=2):
+        self._queue = queue.Queue(max_pending)
+        self._error = None
+        self._cancelled = False
+        self._thread = threading.Thread(target=self._run, name="gate-analysis-worker", daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while True:
+            call = self._queue.get()
+            if call is None:
+                return
+            if self._error is None and not self._cancelled:
+                try:
+                    call()
+                except BaseException as exc:  # re-raised in the submitting thread
+                    self._error = exc
+
+    def _check(self):
+        if self._error is not None:
+            error, self._error = self._error, None
+            self._cancelled = True
+            raise error
+
+    def submit(self, fn, *args):
+        self._check()
+        self._queue.put(functools.partial(fn, *args))
+
+    def close(self, cancel=False):
+        """Wait for the submitted calls (``cancel``: drop those not started) and stop the thread."""
+        if cancel:
+            self._cancelled = True
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        if not cancel:
+            self._check()
+
+
+def _plot_process(conn, acc, out, compare):
+    try:
+        from .plots import plot_all
+        conn.send(("ok", plot_all(acc, load_gate_run(out), out, compare_qids=compare)))
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+class PlotJob:
+    """``plots.plot_all`` for a finished run. On Linux it runs in a forked process, so the figures are
+    drawn while the caller computes metrics and tables (set AVIGATE_PLOT_PROCESS=0 to draw inline).
+    ``result()`` waits and returns the written paths; ``cancel()`` stops an unfinished job."""
+
+    def __init__(self, acc, out, compare=None):
+        self._proc = self._paths = None
+        if sys.platform.startswith("linux") and os.environ.get("AVIGATE_PLOT_PROCESS", "1") != "0":
+            ctx = multiprocessing.get_context("fork")
+            self._conn, child = ctx.Pipe(duplex=False)
+            self._proc = ctx.Process(target=_plot_process, args=(child, acc, out, compare), daemon=True,
+                                     name="gate-analysis-plots")
+            self._proc.start()
+            child.close()
+        else:
+            from .plots import plot_all
+            self._paths = plot_all(acc, load_gate_run(out), out, compare_qids=compare)
+
+    def result(self):
+        if self._proc is None:
+            return self._paths
+        try:
+            status, payload = self._conn.recv()
+        except EOFError:
+            status, payload = "error", f"the plotting process ended without a result (exit code {self._proc.exitcode})"
+        self._proc.join()
+        self._proc = None
+        self._conn.close()
+        if status != "ok":
+            raise RuntimeError(f"drawing the plots failed:\n{payload}")
+        self._paths = payload
+        return payload
+
+    def cancel(self):
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.join()
+            self._proc = None
+            self._conn.close()
 
 
 def load_model_for_analysis(cfg):
@@ -178,7 +279,7 @@ def run_analysis(cfg, progress=True, log=print):
     todo = [b for b in batches if not all(dataset.records[i]["qid"] in done for i in b)]
     contrib = _contribution_writer(cfg, out, previous, done)
 
-    def sink(gate_records):
+    def consume(gate_records):
         for rec in gate_records:
             vid = meta[rec.sample_id]["vid"]
             writer.add(rec.sample_id, vid, rec.gates, n_clips=rec.n_clips)
@@ -187,7 +288,9 @@ def run_analysis(cfg, progress=True, log=print):
             if contrib is not None:
                 contrib.add(rec, vid)
 
-    recorder = GateRecorder(fusion, sink, capture_contributions=contrib is not None)
+    worker = OrderedWorker()  # gate bookkeeping overlaps the next forward pass
+    recorder = GateRecorder(fusion, lambda gate_records: worker.submit(consume, gate_records),
+                            capture_contributions=contrib is not None)
     try:
         with recorder, open(partial, "a") as partial_fh:
             for metas, inputs, outputs in iterate_batches(
@@ -199,13 +302,15 @@ def run_analysis(cfg, progress=True, log=print):
                 partial_fh.writelines(json.dumps(line) + "\n" for line in batch_lines)
                 partial_fh.flush()
                 os.fsync(partial_fh.fileno())
-                writer.flush()
+                worker.submit(writer.flush)
                 lines.extend(batch_lines)
                 manifest["progress"] = {"queries_done": len(lines), "exact_reruns": loop_stats.get("exact_reruns", 0)}
+        worker.close()
         writer.close()
         if contrib is not None:
             contrib.finish()
     except BaseException:
+        worker.close(cancel=True)  # queued batches are dropped: their shards never exist, so resume redoes them
         if contrib is not None:
             contrib.close()
         manifest.update(status="interrupted", progress={"queries_done": len(lines),
@@ -214,26 +319,29 @@ def run_analysis(cfg, progress=True, log=print):
         raise
 
     order = {r["qid"]: i for i, r in enumerate(dataset.records)}
-    lines.sort(key=lambda line: order[line["qid"]])
-    write_jsonl(os.path.join(out, PREDICTIONS_FILE), lines)
-    os.remove(partial)
-    metrics = evaluate(lines, dataset.records)
-    if metrics is not None:
-        write_json(os.path.join(out, METRICS_FILE), metrics)
-    csvs = write_stats_csvs(acc, out, top_n=cfg.top_n or 10)
-
-    plot_paths = []
+    plots = None
     if not cfg.no_plots:
-        from .plots import plot_all
         compare = cfg.compare_samples
         if compare is not None and len(compare) == 0:
             compare = None  # plot_all picks the top and bottom queries
         missing = [q for q in (compare or []) if q not in order]
         if missing:
             raise ConfigError(f"--compare_samples: qid(s) {missing} are not in {cfg.data_path}")
-        plot_paths = plot_all(acc, load_gate_run(out), out, compare_qids=compare)
-    extended = _run_extended_analyses(cfg, model, dataset, batches, device, acc, gt, lines, metrics, interventions,
-                                      subset_info, manifest, progress, log)
+        plots = PlotJob(acc, out, compare)  # drawn while the tables below are computed
+    try:
+        lines.sort(key=lambda line: order[line["qid"]])
+        write_jsonl(os.path.join(out, PREDICTIONS_FILE), lines)
+        os.remove(partial)
+        metrics = evaluate(lines, dataset.records)
+        if metrics is not None:
+            write_json(os.path.join(out, METRICS_FILE), metrics)
+        csvs = write_stats_csvs(acc, out, top_n=cfg.top_n or 10)
+        extended = _run_extended_analyses(cfg, model, dataset, batches, device, acc, gt, lines, metrics,
+                                          interventions, subset_info, manifest, progress, log)
+        plot_paths = plots.result() if plots is not None else []
+    finally:
+        if plots is not None:
+            plots.cancel()
 
     layer_table = acc.layer_stats()
     manifest.update({
