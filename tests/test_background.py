@@ -1,9 +1,9 @@
-"""gate_analysis.pipeline.OrderedWorker: the background thread that does the per-batch gate bookkeeping."""
+"""gate_analysis.background.OrderedWorker: the background thread that does the per-batch gate bookkeeping."""
 import threading
 
 import pytest
 
-from gate_analysis.pipeline import OrderedWorker
+from gate_analysis.background import OrderedWorker
 
 
 def test_calls_run_in_submission_order_off_the_calling_thread():

@@ -1,0 +1,108 @@
+"""Work the main job runs beside the model: an ordered worker thread for the per-batch gate
+bookkeeping, and a forked process that draws the plots while the tables are computed."""
+import functools
+import multiprocessing
+import os
+import queue
+import sys
+import threading
+import traceback
+
+from .store import load_gate_run
+
+__all__ = ["OrderedWorker", "PlotJob"]
+
+
+class OrderedWorker:
+    """Runs submitted calls one at a time, in order, on a background thread (numpy and file writes
+    release the GIL, so this overlaps the model's next forward pass). At most ``max_pending`` calls
+    wait; a call's exception is re-raised in the submitting thread (next ``submit`` or ``close``)."""
+
+    def __init__(self, max_pending=2):
+        self._queue = queue.Queue(max_pending)
+        self._error = None
+        self._cancelled = False
+        self._thread = threading.Thread(target=self._run, name="gate-analysis-worker", daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while True:
+            call = self._queue.get()
+            if call is None:
+                return
+            if self._error is None and not self._cancelled:
+                try:
+                    call()
+                except BaseException as exc:  # re-raised in the submitting thread
+                    self._error = exc
+
+    def _check(self):
+        if self._error is not None:
+            error, self._error = self._error, None
+            self._cancelled = True
+            raise error
+
+    def submit(self, fn, *args):
+        self._check()
+        self._queue.put(functools.partial(fn, *args))
+
+    def close(self, cancel=False):
+        """Wait for the submitted calls (``cancel``: drop those not started) and stop the thread."""
+        if cancel:
+            self._cancelled = True
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        if not cancel:
+            self._check()
+
+
+def _plot_process(conn, acc, out, compare):
+    try:
+        from .plots import plot_all
+        conn.send(("ok", plot_all(acc, load_gate_run(out), out, compare_qids=compare)))
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+class PlotJob:
+    """``plots.plot_all`` for a finished run. On Linux it runs in a forked process, so the figures are
+    drawn while the caller computes metrics and tables (set AVIGATE_PLOT_PROCESS=0 to draw inline).
+    ``result()`` waits and returns the written paths; ``cancel()`` stops an unfinished job."""
+
+    def __init__(self, acc, out, compare=None):
+        self._proc = self._paths = None
+        if sys.platform.startswith("linux") and os.environ.get("AVIGATE_PLOT_PROCESS", "1") != "0":
+            ctx = multiprocessing.get_context("fork")
+            self._conn, child = ctx.Pipe(duplex=False)
+            self._proc = ctx.Process(target=_plot_process, args=(child, acc, out, compare), daemon=True,
+                                     name="gate-analysis-plots")
+            self._proc.start()
+            child.close()
+        else:
+            from .plots import plot_all
+            self._paths = plot_all(acc, load_gate_run(out), out, compare_qids=compare)
+
+    def result(self):
+        if self._proc is None:
+            return self._paths
+        try:
+            status, payload = self._conn.recv()
+        except EOFError:
+            status, payload = "error", f"the plotting process ended without a result (exit code {self._proc.exitcode})"
+        self._proc.join()
+        self._proc = None
+        self._conn.close()
+        if status != "ok":
+            raise RuntimeError(f"drawing the plots failed:\n{payload}")
+        self._paths = payload
+        return payload
+
+    def cancel(self):
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.join()
+            self._proc = None
+            self._conn.close()
