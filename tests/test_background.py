@@ -1,4 +1,6 @@
 """gate_analysis.background.OrderedWorker: the background thread that does the per-batch gate bookkeeping."""
+import os
+import sys
 import threading
 
 import pytest
@@ -47,3 +49,37 @@ def test_cancel_drops_calls_not_started():
     threading.Timer(0.2, gate.set).start()
     worker.close(cancel=True)
     assert seen == []
+
+
+def test_plot_job_in_a_process_draws_the_same_pngs_as_inline(demo_data, tmp_path, monkeypatch):
+    """The forked plotting process writes byte-identical figures; its failures reach the caller."""
+    import shutil
+
+    from conftest import save_checkpoint, small_model
+    from gate_analysis.background import PlotJob
+    from gate_analysis.pipeline import AnalysisConfig, run_analysis
+    from gate_analysis.stats import GateStatsAccumulator
+    from gate_analysis.store import load_gate_run
+
+    _, paths = demo_data
+    model, opt = small_model("custom", "clipwise", seed=4)
+    ckpt = save_checkpoint(tmp_path / "model.ckpt", model, opt)
+    out = tmp_path / "run"
+    out.mkdir()
+    cfg = AnalysisConfig(model_path=str(ckpt), data_path=paths["jsonl"]["val"], output_dir=str(out), device="cpu",
+                         v_feat_dirs=paths["v_feat_dirs"], t_feat_dir=paths["t_feat_dir"], a_feat_dir=paths["a_feat_dir"])
+    run_analysis(cfg, progress=False, log=lambda *a: None)
+    acc = GateStatsAccumulator.from_gate_run(load_gate_run(out))
+    shutil.copytree(out, tmp_path / "inline")
+    shutil.rmtree(tmp_path / "inline" / "plots")
+    monkeypatch.setenv("AVIGATE_PLOT_PROCESS", "0")
+    written = PlotJob(acc, tmp_path / "inline").result()
+    assert written and all(p.startswith(str(tmp_path / "inline")) for p in written)
+    for p in written:
+        name = os.path.relpath(p, tmp_path / "inline")
+        assert (out / name).read_bytes() == (tmp_path / "inline" / name).read_bytes(), name
+    if sys.platform.startswith("linux"):  # the forked process is used on Linux only
+        monkeypatch.setenv("AVIGATE_PLOT_PROCESS", "1")
+        job = PlotJob(acc, tmp_path / "no_such_run")  # the process fails: no gate store there
+        with pytest.raises(RuntimeError, match="drawing the plots failed"):
+            job.result()
