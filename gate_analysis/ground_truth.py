@@ -13,7 +13,7 @@ captured them, the effective contributions, which exist per clip for every gatin
   annotators' scores (0 for clips outside ``relevant_clip_ids``); NaN when either is constant.
 
 Overall (``gate_ground_truth_overall.csv``) per layer x gate x measure: the same statistics over all
-clips pooled (scope ``pooled``), the mean of the per-query values with a Wilcoxon signed-rank p-value
+clips pooled (scope ``pooled``; per-clip values rounded to float32, as the gates are stored), the mean of the per-query values with a Wilcoxon signed-rank p-value
 against no effect (difference 0, AUROC 0.5, rho 0; scope ``per_query``), and across queries the
 Spearman correlation of the query's mean value with its fraction of relevant clips (scope
 ``across_queries``). Global gates have one value per query: the within-query comparisons do not
@@ -226,8 +226,9 @@ def _wilcoxon(values, center):
 
 class GroundTruthAccumulator:
     """Ground-truth statistics streamed query by query: ``add`` each query's gates (or contributions),
-    then ``tables()`` / ``write()``. Kept per query: its statistics and its per-clip values (for the
-    pooled statistics): about 5 KB per query with 4 fusion layers and 75 clips.
+    then ``tables()`` / ``write()``. Kept per query: its statistics and its per-clip values, rounded to
+    float32, for the pooled statistics (about 3 KB per query with 4 fusion layers and 75 clips).
+    Per-query statistics use the float64 per-clip values.
 
     ``records``: JSONL records (only labelled ones are used); ``gating_type``, ``layers``, ``kinds``:
     those of the gate run (layers and kinds default to the keys of the first query added)."""
@@ -272,7 +273,7 @@ class GroundTruthAccumulator:
         rows = _query_rows(vals, *clip_labels(rec, vals.shape[1]))
         st["rows"].append(rows)
         st["fracs"].append(rows[0, 2])
-        st["vals"].append(vals)
+        st["vals"].append(vals.astype(np.float32))  # for the pooled statistics; float32 halves the memory
 
     def add_contributions(self, contributions):
         """Add a ``gate_contributions.csv`` DataFrame (measure ``contribution``)."""
@@ -341,7 +342,7 @@ class GroundTruthAccumulator:
                             parts = [clip_labels(self.labelled[q], v.shape[1]) for q, v in zip(st["qids"], st["vals"])]
                             labels = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
                         g = st["keys"].index((layer, kind))
-                        v = np.concatenate([a[g] for a in st["vals"]])
+                        v = np.concatenate([a[g] for a in st["vals"]]).astype(np.float64)
                         _pooled_rows(add, measure, layer, kind, v, *labels)
                         sel = per_query[(per_query["measure"] == measure) & (per_query["layer"] == layer)
                                         & (per_query["gate"] == kind)]

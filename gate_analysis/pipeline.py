@@ -26,7 +26,7 @@ from qd_detr.inference import build_dataset, evaluate, iterate_batches, make_bat
 from qd_detr.model import NoFusionError
 from qd_detr.postprocess import submission_lines, write_json, write_jsonl
 
-from .background import OrderedWorker, PlotJob
+from .background import OrderedWorker, PlotJob, release_freed_memory
 from .ground_truth import GroundTruthAccumulator
 from .stats import GateStatsAccumulator, write_stats_csvs
 from .store import GateStoreWriter, iter_shard_queries, load_gate_run
@@ -99,6 +99,19 @@ def _check_resumable(run_json, manifest):
     return previous
 
 
+def _read_partial_lines(partial):
+    """Prediction lines of the partial file, up to a line cut by an interruption."""
+    lines = []
+    if os.path.exists(partial):
+        with open(partial) as fh:
+            for text in fh:
+                try:
+                    lines.append(json.loads(text))
+                except ValueError:
+                    break  # a line cut by the interruption: its batch has no shard either
+    return lines
+
+
 def _resume_state(out, partial, acc, gt, previous):
     """(prediction lines, loop stats) of the batches an interrupted run completed; feeds ``acc`` and ``gt``."""
     if previous is None:
@@ -108,16 +121,7 @@ def _resume_state(out, partial, acc, gt, previous):
         acc.update(qid, gates, vid=vid, n_clips=n_clips)
         gt.add("gate", qid, gates, n_clips=n_clips)
         stored.add(qid)
-    lines = []
-    if os.path.exists(partial):
-        with open(partial) as fh:
-            for text in fh:
-                try:
-                    line = json.loads(text)
-                except ValueError:
-                    break  # a line cut by the interruption: its batch has no shard either
-                if line["qid"] in stored:
-                    lines.append(line)
+    lines = [line for line in _read_partial_lines(partial) if line["qid"] in stored]
     write_jsonl(partial, lines)  # drop predictions whose gate shard was never written
     return lines, {"exact_reruns": previous.get("progress", {}).get("exact_reruns", 0)}
 
@@ -176,6 +180,7 @@ def run_analysis(cfg, progress=True, log=print):
     partial = os.path.join(out, PARTIAL_PREDICTIONS_FILE)
     lines, loop_stats = _resume_state(out, partial, acc, gt, previous)
     done = {line["qid"] for line in lines}
+    n_done, lines = len(lines), None  # predictions live in the partial file until the end
     todo = [b for b in batches if not all(dataset.records[i]["qid"] in done for i in b)]
     contrib = _contribution_writer(cfg, out, previous, done)
 
@@ -187,6 +192,10 @@ def run_analysis(cfg, progress=True, log=print):
             gt.add("gate", rec.sample_id, rec.gates, n_clips=rec.n_clips)
             if contrib is not None:
                 contrib.add(rec, vid)
+
+    def flush_shard():
+        writer.flush()
+        release_freed_memory()  # the batch's gate arrays: keeps the peak flat over long runs
 
     worker = OrderedWorker()  # gate bookkeeping overlaps the next forward pass
     recorder = GateRecorder(fusion, lambda gate_records: worker.submit(consume, gate_records),
@@ -202,9 +211,9 @@ def run_analysis(cfg, progress=True, log=print):
                 partial_fh.writelines(json.dumps(line) + "\n" for line in batch_lines)
                 partial_fh.flush()
                 os.fsync(partial_fh.fileno())
-                worker.submit(writer.flush)
-                lines.extend(batch_lines)
-                manifest["progress"] = {"queries_done": len(lines), "exact_reruns": loop_stats.get("exact_reruns", 0)}
+                worker.submit(flush_shard)
+                n_done += len(batch_lines)
+                manifest["progress"] = {"queries_done": n_done, "exact_reruns": loop_stats.get("exact_reruns", 0)}
         worker.close()
         writer.close()
         if contrib is not None:
@@ -213,11 +222,12 @@ def run_analysis(cfg, progress=True, log=print):
         worker.close(cancel=True)  # queued batches are dropped: their shards never exist, so resume redoes them
         if contrib is not None:
             contrib.close()
-        manifest.update(status="interrupted", progress={"queries_done": len(lines),
+        manifest.update(status="interrupted", progress={"queries_done": n_done,
                                                         "exact_reruns": loop_stats.get("exact_reruns", 0)})
         _write_run_json(run_json, manifest)
         raise
 
+    lines = _read_partial_lines(partial)
     order = {r["qid"]: i for i, r in enumerate(dataset.records)}
     plots = None
     if not cfg.no_plots:
