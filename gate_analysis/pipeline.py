@@ -1,12 +1,13 @@
 """The main job: inference with gate capture, streamed to an output folder, then statistics and plots.
 
     checkpoint + JSONL/features -> qd_detr (rebuild, batch, forward) -> GateRecorder (gates per query)
-    -> GateStoreWriter (raw gates, one shard per batch) + GateStatsAccumulator (streamed statistics)
-    -> CSVs, plots, predictions, metrics, run.json
+    -> [worker thread] GateStoreWriter (raw gates, one shard per batch) + GateStatsAccumulator +
+       GroundTruthAccumulator (streamed statistics)
+    -> [forked process] plots  |  predictions, metrics, CSVs, extended analyses -> report.html, run.json
 
-Memory does not grow with the number of queries: each batch's gates are written as one shard and
-only per-query summary rows are kept. ``run.json`` says ``"status": "running"`` until every output
-is written, so an interrupted run never looks complete.
+Gates are not kept in memory: each batch's gates are written as one shard; only per-query summary
+rows stay, and predictions wait in ``predictions.partial.jsonl``. ``run.json`` says ``"status":
+"running"`` until every output is written, so an interrupted run never looks complete.
 """
 import datetime
 import json
