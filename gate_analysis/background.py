@@ -75,10 +75,16 @@ class OrderedWorker:
             self._check()
 
 
-def _plot_process(conn, acc, out, compare):
+def _draw(acc, out, compare, more):
+    from .plots import plot_all
+    run = load_gate_run(out)
+    paths = plot_all(acc, run, out, compare_qids=compare)
+    return paths + (more(run) if more is not None else [])
+
+
+def _plot_process(conn, acc, out, compare, more):
     try:
-        from .plots import plot_all
-        conn.send(("ok", plot_all(acc, load_gate_run(out), out, compare_qids=compare)))
+        conn.send(("ok", _draw(acc, out, compare, more)))
     except BaseException:
         conn.send(("error", traceback.format_exc()))
     finally:
@@ -86,22 +92,22 @@ def _plot_process(conn, acc, out, compare):
 
 
 class PlotJob:
-    """``plots.plot_all`` for a finished run. On Linux it runs in a forked process, so the figures are
-    drawn while the caller computes metrics and tables (set AVIGATE_PLOT_PROCESS=0 to draw inline).
-    ``result()`` waits and returns the written paths; ``cancel()`` stops an unfinished job."""
+    """``plots.plot_all`` for a finished run, then ``more(gate_run)`` (more figures; returns their paths).
+    On Linux it runs in a forked process, so the figures are drawn while the caller computes metrics and
+    tables (set AVIGATE_PLOT_PROCESS=0 to draw inline). ``result()`` waits and returns the written
+    paths; ``cancel()`` stops an unfinished job."""
 
-    def __init__(self, acc, out, compare=None):
+    def __init__(self, acc, out, compare=None, more=None):
         self._proc = self._paths = None
         if sys.platform.startswith("linux") and os.environ.get("AVIGATE_PLOT_PROCESS", "1") != "0":
             ctx = multiprocessing.get_context("fork")
             self._conn, child = ctx.Pipe(duplex=False)
-            self._proc = ctx.Process(target=_plot_process, args=(child, acc, out, compare), daemon=True,
+            self._proc = ctx.Process(target=_plot_process, args=(child, acc, out, compare, more), daemon=True,
                                      name="gate-analysis-plots")
             self._proc.start()
             child.close()
         else:
-            from .plots import plot_all
-            self._paths = plot_all(acc, load_gate_run(out), out, compare_qids=compare)
+            self._paths = _draw(acc, out, compare, more)
 
     def result(self):
         if self._proc is None:

@@ -30,7 +30,8 @@ from scipy import stats
 from .store import GATE_KINDS, PER_CLIP_GATING_TYPES, atomic_write_csv, gate_name
 
 __all__ = ["auroc", "midranks", "clip_labels", "query_ground_truth", "ground_truth_tables",
-           "write_ground_truth", "plot_ground_truth", "CSV_COLUMNS", "PLOT_FILES", "MEASURES"]
+           "write_ground_truth", "plot_ground_truth", "plot_examples", "GroundTruthAccumulator", "CSV_COLUMNS",
+           "PLOT_FILES", "MEASURES"]
 
 MEASURES = ("gate", "contribution")
 _ID = {"layer": "Fusion layer index (0-based).",
@@ -413,7 +414,8 @@ def write_ground_truth(records, output_dir, gate_run=None, contributions=None):
 def plot_ground_truth(per_query, overall, output_dir, records=None, gate_run=None, contributions=None,
                       n_examples=4, across=None):
     """Figures of ``PLOT_FILES`` (those that apply); returns the written paths. ``across``: the
-    accumulator's ``across_queries()`` when at hand (else computed from records, gate run, contributions)."""
+    accumulator's ``across_queries()`` when at hand (else computed from records, gate run, contributions);
+    ``n_examples=0`` leaves out the examples figure (``plot_examples``)."""
     from . import plots as P
     plt = P.plt
     out = os.path.join(output_dir, "plots")
@@ -427,11 +429,21 @@ def plot_ground_truth(per_query, overall, output_dir, records=None, gate_run=Non
         across = _accumulate(records, gate_run, contributions).across_queries()
     if across is not None:
         paths.append(_plot_across_queries(P, plt, across, os.path.join(out, PLOT_FILES["across_queries"])))
-    if records is not None and gate_run is not None and gate_run.gating_type in PER_CLIP_GATING_TYPES:
-        p = _plot_examples(P, plt, records, gate_run, n_examples, os.path.join(out, PLOT_FILES["examples"]))
-        if p:
-            paths.append(p)
+    if n_examples and records is not None and gate_run is not None:
+        paths += plot_examples(records, gate_run, output_dir, n_examples)
     return paths
+
+
+def plot_examples(records, gate_run, output_dir, n_examples=4):
+    """``PLOT_FILES["examples"]``: gates along the video of a few labelled queries (clipwise and
+    elementwise runs); returns the written paths. Needs no table, so it can be drawn early."""
+    from . import plots as P
+    if gate_run.gating_type not in PER_CLIP_GATING_TYPES:
+        return []
+    out = os.path.join(output_dir, "plots")
+    os.makedirs(out, exist_ok=True)
+    p = _plot_examples(P, P.plt, records, gate_run, n_examples, os.path.join(out, PLOT_FILES["examples"]))
+    return [p] if p else []
 
 
 def _layer_color(i):

@@ -10,6 +10,7 @@ rows stay, and predictions wait in ``predictions.partial.jsonl``. ``run.json`` s
 "running"`` until every output is written, so an interrupted run never looks complete.
 """
 import datetime
+import functools
 import json
 import os
 import platform
@@ -238,7 +239,11 @@ def run_analysis(cfg, progress=True, log=print):
         missing = [q for q in (compare or []) if q not in order]
         if missing:
             raise ConfigError(f"--compare_samples: qid(s) {missing} are not in {cfg.data_path}")
-        plots = PlotJob(acc, out, compare)  # drawn while the tables below are computed
+        examples = None
+        if gt.labelled:  # the ground-truth examples need no table: drawn with the main figures
+            from .ground_truth import plot_examples
+            examples = functools.partial(plot_examples, dataset.records, output_dir=out)
+        plots = PlotJob(acc, out, compare, more=examples)  # drawn while the tables below are computed
     try:
         lines.sort(key=lambda line: order[line["qid"]])
         write_jsonl(os.path.join(out, PREDICTIONS_FILE), lines)
@@ -388,7 +393,7 @@ def _run_extended_analyses(cfg, model, dataset, batches, device, acc, gt, lines,
         files.update(ground_truth="gate_ground_truth.csv", ground_truth_overall="gate_ground_truth_overall.csv")
         if plots:
             plot_paths += GT.plot_ground_truth(gt_pq, gt_ov, out, records=records, gate_run=run,
-                                               across=gt.across_queries())
+                                               across=gt.across_queries(), n_examples=0)  # examples: PlotJob
         pooled = gt_ov[(gt_ov["scope"] == "pooled") & (gt_ov["statistic"] == "auroc_inside")
                        & (gt_ov["measure"] == "gate")]
         if len(pooled):
