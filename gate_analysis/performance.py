@@ -28,7 +28,7 @@ from qd_detr.errors import ConfigError, DataError
 from qd_detr.eval import per_query_metrics
 from qd_detr.inference import evaluate
 
-from .ground_truth import _spearman
+from .ground_truth import _spearman, _wilcoxon
 from .store import GATE_KINDS, atomic_write_csv, gate_name
 
 __all__ = ["performance_table", "correlation_table", "failure_cases", "failure_comparison", "read_subset",
@@ -237,14 +237,9 @@ def failure_cases(perf_queries, n, success_iou=SUCCESS_IOU):
 def _paired_p(a, b):
     d = np.asarray(a, float) - np.asarray(b, float)
     d = d[np.isfinite(d)]
-    if d.size < 2 or np.count_nonzero(d) < 2:
+    if np.count_nonzero(d) < 2:
         return float("nan")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            return float(stats.wilcoxon(d).pvalue)
-        except ValueError:
-            return float("nan")
+    return _wilcoxon(d, 0.0)
 
 
 def failure_comparison(pairs, perf):

@@ -31,7 +31,7 @@ from qd_detr.postprocess import submission_lines, write_json, write_jsonl
 from .background import OrderedWorker, PlotJob, release_freed_memory
 from .ground_truth import GroundTruthAccumulator
 from .stats import GateStatsAccumulator, write_stats_csvs
-from .store import GateStoreWriter, iter_shard_queries, load_gate_run
+from .store import GateStoreWriter, iter_shard_queries
 
 __all__ = ["AnalysisConfig", "run_analysis", "load_model_for_analysis", "PREDICTIONS_FILE", "METRICS_FILE"]
 
@@ -386,20 +386,19 @@ def _run_extended_analyses(cfg, model, dataset, batches, device, acc, gt, lines,
                 summary.append(f"ablation {iv.name}: top-1 window changed for "
                                f"{int((sel['top1_window_iou_vs_base'] < 1).sum())}/{len(sel)} queries")
 
-    run = load_gate_run(out)
     gt.add_contributions(contrib)
     gt_pq, gt_ov, gt_files = gt.write(out)
     if gt_files:
         files.update(ground_truth="gate_ground_truth.csv", ground_truth_overall="gate_ground_truth_overall.csv")
         if plots:
-            plot_paths += GT.plot_ground_truth(gt_pq, gt_ov, out, records=records, gate_run=run,
+            plot_paths += GT.plot_ground_truth(gt_pq, gt_ov, out, records=records,
                                                across=gt.across_queries(), n_examples=0)  # examples: PlotJob
         pooled = gt_ov[(gt_ov["scope"] == "pooled") & (gt_ov["statistic"] == "auroc_inside")
                        & (gt_ov["measure"] == "gate")]
         if len(pooled):
             summary.append("gate AUROC inside vs outside relevant windows (pooled clips): " + ", ".join(
                 f"{r.name} {r.value:.3f}" for r in pooled.itertuples()))
-        elif run.gating_type not in ("clipwise", "elementwise"):
+        elif gt.gating_type not in ("clipwise", "elementwise"):
             summary.append(f"ground truth: {GT.GLOBAL_NOTE}")
     else:
         summary.append("ground truth and performance link: skipped (the data has no labels)")
