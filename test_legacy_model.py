@@ -16,6 +16,7 @@ import sys
 
 from gate_analysis.legacy import check_compatibility, format_report
 from qd_detr.cli import add_architecture_args, architecture_options, positive_int
+from qd_detr.config import GATING_TYPES
 
 
 def get_args_parser():
@@ -27,7 +28,7 @@ def get_args_parser():
     p.add_argument("--t_feat_dir", default=None, help="text feature folder (default: from the checkpoint)")
     p.add_argument("--a_feat_dir", default=None, help="audio feature folder (default: from the checkpoint)")
     p.add_argument("--batch_size", type=positive_int, default=4, help="queries in the real batch (default: 4)")
-    p.add_argument("--gating_type", choices=("global", "clipwise", "elementwise"), default=None,
+    p.add_argument("--gating_type", choices=GATING_TYPES, default=None,
                    help="checked against the checkpoint's options; required only when they do not say it")
     p.add_argument("--trust_checkpoint", action="store_true",
                    help="allow full unpickling of the checkpoint (only for files you trust)")

@@ -339,9 +339,10 @@ class _Tracking(_Mode):
 class _TrackingStats(_Tracking):
     def begin(self):
         from gate_analysis.stats import GateStatsAccumulator
-        from qd_detr.gates import GATE_KINDS
+        from qd_detr.gates import fusion_gate_kinds
         super().begin()
-        self.acc = GateStatsAccumulator(self.gating_type, len(self.fusion.fusion_layers), kinds=GATE_KINDS)
+        self.acc = GateStatsAccumulator(self.gating_type, len(self.fusion.fusion_layers),
+                                       kinds=fusion_gate_kinds(self.fusion))
 
     def sink(self, records):
         for r in records:

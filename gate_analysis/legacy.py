@@ -40,7 +40,7 @@ from qd_detr.checkpoint import (KEY_RENAMES, infer_options, describe_state_dict,
                                 normalize_state_dict, read_checkpoint, split_checkpoint, strict_load)
 from qd_detr.config import GATING_TYPES, fusion_layout, make_options, options_from_opt_json
 from qd_detr.errors import CheckpointError, ConfigError, DataError, ToolkitError
-from qd_detr.gates import GATE_KINDS
+from qd_detr.gates import fusion_gate_kinds
 from qd_detr.model import BATCHING_MODES, NoFusionError
 
 __all__ = ["load_legacy_model_with_gate_tracking", "adapt_legacy_model", "inspect_checkpoint",
@@ -359,7 +359,7 @@ def _check_gate_records(history, ids, lengths, gating_type, num_layers, hidden, 
     layers = []
     for layer in range(num_layers):
         raw = raw_outputs.get(layer)
-        for k, kind in enumerate(GATE_KINDS):
+        for k, kind in enumerate(("mha", "ffn")):  # the gating function's own outputs
             shapes = []
             for sid, n in zip(ids, lengths):
                 rec = history.get(sid)
@@ -870,7 +870,7 @@ def _real_batch(model, opt, model_path, data, batch_size):
         rec = history[qid]
         gates[str(qid)] = {f"layers.{l}.gate_{k}": {"shape": list(g.shape), "mean": round(float(g.mean()), 6),
                                                    "min": round(float(g.min()), 6), "max": round(float(g.max()), 6)}
-                           for l in range(len(fusion.fusion_layers)) for k in GATE_KINDS
+                           for l in range(len(fusion.fusion_layers)) for k in fusion_gate_kinds(fusion)
                            for g in [rec.gates[(l, k)]]}
     finite = all(bool(torch.isfinite(t).all()) for t in _flatten(tracked).values())
     return {"data_path": os.path.abspath(data["data_path"]), "feature_dirs": dirs, "qids": qids,

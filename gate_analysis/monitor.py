@@ -42,7 +42,7 @@ import pandas as pd
 import torch
 
 from qd_detr.errors import ConfigError, DataError
-from qd_detr.gates import GATE_KINDS, GateRecorder, fusion_gating_type, fusion_num_layers
+from qd_detr.gates import GATE_KINDS, GateRecorder, fusion_gate_kinds, fusion_gating_type, fusion_num_layers
 
 from .stats import CSV_FILES, GateStatsAccumulator, write_stats_csvs
 from .store import GateStoreWriter, atomic_write_csv, load_gate_run
@@ -278,9 +278,10 @@ class GateMonitor:
             shutil.rmtree(tmp)
         layers = list(range(self.num_layers))
         try:
-            writer = GateStoreWriter(tmp, self.gating_type, self.num_layers, hidden_dim=self.hidden_dim,
+            kinds = fusion_gate_kinds(self.fusion)
+            writer = GateStoreWriter(tmp, self.gating_type, self.num_layers, hidden_dim=self.hidden_dim, kinds=kinds,
                                      extra_meta={"epoch": int(epoch), "source": "gate_analysis.monitor"})
-            acc = GateStatsAccumulator(self.gating_type, layers, kinds=GATE_KINDS)
+            acc = GateStatsAccumulator(self.gating_type, layers, kinds=kinds)
             for qid, vid, rec in records:
                 writer.add(qid, vid, rec.gates, n_clips=rec.n_clips)
                 acc.update(qid, rec.gates, vid=vid, n_clips=rec.n_clips)

@@ -23,7 +23,7 @@ from qd_detr.checkpoint import file_sha256, load_checkpoint
 from qd_detr.cli import architecture_options
 from qd_detr.dataset import has_labels, read_jsonl
 from qd_detr.errors import ConfigError, DataError
-from qd_detr.gates import GATE_KINDS, GateRecorder, fusion_gating_type, fusion_num_layers
+from qd_detr.gates import GateRecorder, fusion_gate_kinds, fusion_gating_type, fusion_num_layers
 from qd_detr.inference import build_dataset, evaluate, iterate_batches, make_batches, resolve_feature_dirs
 from qd_detr.model import NoFusionError
 from qd_detr.postprocess import submission_lines, write_json, write_jsonl
@@ -175,10 +175,12 @@ def run_analysis(cfg, progress=True, log=print):
     _write_run_json(run_json, manifest)
 
     meta = {r["qid"]: r for r in dataset.records}
+    kinds = fusion_gate_kinds(model.fusion)
     writer = GateStoreWriter(out, gating_type, num_layers, hidden_dim=model.hidden_dim, resume=bool(cfg.resume),
-                             overwrite=not cfg.resume, extra_meta={"model_path": os.path.abspath(cfg.model_path)})
-    acc = GateStatsAccumulator(gating_type, layers, kinds=GATE_KINDS)
-    gt = GroundTruthAccumulator(dataset.records, gating_type, layers, GATE_KINDS)
+                             overwrite=not cfg.resume, kinds=kinds,
+                             extra_meta={"model_path": os.path.abspath(cfg.model_path)})
+    acc = GateStatsAccumulator(gating_type, layers, kinds=kinds)
+    gt = GroundTruthAccumulator(dataset.records, gating_type, layers, kinds)
     partial = os.path.join(out, PARTIAL_PREDICTIONS_FILE)
     lines, loop_stats = _resume_state(out, partial, acc, gt, previous)
     done = {line["qid"] for line in lines}
@@ -264,7 +266,7 @@ def run_analysis(cfg, progress=True, log=print):
         "status": "complete",
         "finished": datetime.datetime.now().isoformat(timespec="seconds"),
         "seconds": round(time.time() - t0, 2),
-        "counts": {"queries": len(lines), "gate_arrays": len(lines) * num_layers * len(GATE_KINDS),
+        "counts": {"queries": len(lines), "gate_arrays": len(lines) * num_layers * len(kinds),
                    "skipped": len(getattr(dataset, "skipped", [])),
                    "exact_reruns": loop_stats.get("exact_reruns", 0)},
         "metrics_brief": (metrics or {}).get("brief"),
@@ -297,7 +299,7 @@ def format_summary(manifest, layer_table, rankings, out):
                                                                          "HL-min-VeryGood-mAP") if k in b))
     if rankings is not None and len(rankings):
         overall = rankings[rankings["layer"].astype(str) == "all"]
-        for kind in GATE_KINDS:
+        for kind in dict.fromkeys(overall["gate"]):
             sel = overall[overall["gate"] == kind]
             for rank_type in ("top", "bottom"):
                 qids = sel[sel["rank_type"] == rank_type]["qid"].tolist()

@@ -22,7 +22,8 @@ from typing import NamedTuple
 
 import torch
 
-from .config import GATING_TYPES, fusion_layout, has_tef, make_options, options_from_opt_json
+from .config import (GATING_TYPES, V2_OPTIONS, fusion_layout, fusion_variant, gate_options, has_tef, make_options,
+                     options_from_opt_json)
 from .errors import CheckpointError, ConfigError
 from .model import build_model
 
@@ -39,11 +40,9 @@ KEY_RENAMES = (
 
 # Keys of variants this toolkit does not implement; found in a state dict they are named in the error.
 UNSUPPORTED_MARKERS = (
-    (re.compile(r"gating_function\.(mha_bias|mha_scale|ffn_alpha|ffn_beta)$"),
-     "the v2 'gate refinement' fusion (sigmoid MHA gate, scaled tanh FFN gate)"),
     (re.compile(r"^umt_fusion\.|^fusion\.(audio_encoder|video_encoder)"), "the UMT fusion"),
-    (re.compile(r"ssm"), "the diagstrip-ssm gate"),
 )
+_G0 = "fusion.fusion_layers.0.gating_function."
 
 
 class LoadedCheckpoint(NamedTuple):
@@ -197,9 +196,15 @@ def describe_state_dict(sd):
     info = {"hidden_dim": sd["global_rep_token"].shape[0] if "global_rep_token" in sd else None}
     if "fusion.fusion_layers.0.a_proj.weight" in sd:
         info["layout"] = "custom"
-        width = sd["fusion.fusion_layers.0.gating_function.mlp_mha.2.weight"].shape[0] \
-            if "fusion.fusion_layers.0.gating_function.mlp_mha.2.weight" in sd else None
-        info["gating_shape"] = "elementwise" if width and width > 1 else "global or clipwise"
+        width = sd[_G0 + "mlp_mha.2.weight"].shape[0] if _G0 + "mlp_mha.2.weight" in sd else None
+        if _G0 + "ssm_gate.norm.weight" in sd:
+            info["gating_shape"] = "global_diagstrip_ssm"
+            info["variant_from_weights"] = "diagstrip"
+            info["ssm"] = _ssm_shapes(sd, keys)
+        else:
+            info["gating_shape"] = "elementwise" if width and width > 1 else "global or clipwise"
+            info["variant_from_weights"] = "v2" if _G0 + "mha_bias" in sd else "v1 or diagstrip"
+        info["film"] = _G0 + "ffn_beta" in sd
     elif "fusion.video_proj.weight" in sd:
         info["layout"] = "avigate"
         info["gating_shape"] = "global"
@@ -212,6 +217,20 @@ def describe_state_dict(sd):
     info["dec_layers"] = _count(keys, r"transformer\.decoder\.layers\.(\d+)\.")
     info["n_input_proj"] = _count(keys, r"input_txt_proj\.(\d+)\.")
     return info
+
+
+def _ssm_shapes(sd, keys):
+    """What the SSM gate's weights tell: band width, channels, number of dilations, video branch."""
+    pre = _G0 + "ssm_gate."
+    first = sd[pre + "encoder.net.0.weight"]  # [C, 2w+1, 1]
+    convs = [k for k in keys if k.startswith(pre + "encoder.net.") and k.endswith(".weight")
+             and sd[k].dim() == 3 and sd[k].shape[-1] == 3]
+    channels, norm = int(first.shape[0]), int(sd[pre + "norm.weight"].shape[0])
+    if norm not in (channels, 2 * channels):
+        raise CheckpointError(f"SSM gate norm width {norm} is neither C={channels} nor 2C: the feature "
+                              "cat(z_a, z_v, z_a - z_v) of diagstrip commit 87a994b is not supported")
+    return {"band_width": (int(first.shape[1]) - 1) // 2, "enc_channels": channels, "n_dilations": len(convs),
+            "use_video_branch": norm == 2 * channels}
 
 
 def infer_options(sd, info, given, path):
@@ -236,14 +255,26 @@ def infer_options(sd, info, given, path):
     if layout == "custom":
         opt.use_avigate_custom, opt.a_feat_dir = True, given.get("a_feat_dir", "<audio>")
         opt.v_feat_dim, opt.a_feat_dim = dim("input_vid_proj.0.LayerNorm.weight"), dim("input_aud_proj.0.LayerNorm.weight")
-        if info["gating_shape"] == "elementwise":
-            opt.gating_type = "elementwise"
+        if info["gating_shape"] in ("elementwise", "global_diagstrip_ssm"):
+            opt.gating_type = info["gating_shape"]
         elif "gating_type" not in given:
             need.append("gating_type (global and clipwise weights have identical names and shapes, so the "
                         "weights cannot tell them apart; pass --gating_type global or --gating_type clipwise)")
         if "fusion_n_heads" not in given:
             need.append("fusion_n_heads (the number of fusion attention heads changes no weight shape; "
                         "pass --fusion_n_heads N)")
+        if info["variant_from_weights"] == "v2":
+            opt.ffn_gate_film = info["film"]
+            if "mha_gate_temp" not in given:
+                need.append("mha_gate_temp (v2 gating: the sigmoid temperature is not a weight; pass "
+                            "--mha_gate_temp T, the value the model was trained with)")
+        if info["gating_shape"] == "global_diagstrip_ssm":
+            ssm = info["ssm"]
+            opt.ssm_band_width, opt.ssm_enc_channels = ssm["band_width"], ssm["enc_channels"]
+            opt.ssm_use_video_branch = int(ssm["use_video_branch"])
+            for key, flag in (("ssm_dilations", "--ssm_dilations D1 D2 ..."), ("ssm_diag_subtract", "--ssm_diag_subtract X")):
+                if key not in given:
+                    need.append(f"{key} (the SSM gate's {key[4:]} changes no weight shape; pass {flag})")
     elif layout == "avigate":
         opt.use_avigate, opt.a_feat_dir = True, given.get("a_feat_dir", "<audio>")
         opt.v_feat_dim, opt.a_feat_dim = dim("fusion.video_proj.weight", 1), dim("fusion.audio_proj.weight", 1)
@@ -273,12 +304,63 @@ def _check_against_weights(opt, info, path):
         raise CheckpointError(f"{path}: options describe the {layout} layout but the weights are of the "
                               f"{info['layout']} layout")
     if layout == "custom":
-        if (opt.gating_type == "elementwise") != (info["gating_shape"] == "elementwise"):
-            raise CheckpointError(f"{path}: options say gating_type={opt.gating_type} but the gating MLP weights "
-                                  f"are {info['gating_shape']}-shaped")
+        for shape in ("elementwise", "global_diagstrip_ssm"):
+            if (opt.gating_type == shape) != (info["gating_shape"] == shape):
+                raise CheckpointError(f"{path}: options say gating_type={opt.gating_type} but the gating weights "
+                                      f"are {info['gating_shape']}-shaped")
+        variant = fusion_variant(opt)
+        from_weights = info["variant_from_weights"]
+        if (variant == "v2") != (from_weights == "v2"):
+            said = "v2 gate options (mha_gate_temp, ...)" if variant == "v2" else "no v2 gate options"
+            raise CheckpointError(f"{path}: the options have {said} but the weights are of the "
+                                  f"{'v2' if from_weights == 'v2' else 'v1/diagstrip'} gating layout "
+                                  f"(v2 adds gating_function.mha_bias/mha_scale/ffn_alpha)")
+        if variant == "v2" and bool(getattr(opt, "ffn_gate_film", False)) != info["film"]:
+            raise CheckpointError(f"{path}: options say ffn_gate_film={getattr(opt, 'ffn_gate_film', False)} but the "
+                                  f"weights {'have' if info['film'] else 'lack'} the FiLM shift (gating_function.ffn_beta)")
+        if info.get("ssm"):
+            ssm, (built, _) = info["ssm"], gate_options(opt)
+            for key in ("band_width", "enc_channels", "use_video_branch"):
+                if built["ssm"][key] != ssm[key]:
+                    raise CheckpointError(f"{path}: options say ssm_{key}={built['ssm'][key]} but the SSM gate "
+                                          f"weights have {key} {ssm[key]}")
+            if len(built["ssm"]["dilations"]) != ssm["n_dilations"]:
+                raise CheckpointError(f"{path}: options give {len(built['ssm']['dilations'])} SSM dilations "
+                                      f"{list(built['ssm']['dilations'])} but the weights have {ssm['n_dilations']}")
         if int(opt.fusion_layers) != info["fusion_layers"]:
             raise CheckpointError(f"{path}: options say fusion_layers={opt.fusion_layers} but the weights have "
                                   f"{info['fusion_layers']} fusion layers")
+
+
+def _variant_report(opt, layout, model):
+    """Load-report entries on the fusion variant: which branch's math, the option values that are not
+    weights (with where they came from) and every gate's declared range."""
+    if layout != "custom":
+        return {"fusion_variant": None, "gate_options": {}, "gate_ranges": _ranges(model)}
+    variant = fusion_variant(opt)
+    kwargs, sources = gate_options(opt)
+    values = {}
+    if variant == "v2":
+        values = {"mha_gate_temp": kwargs["mha_temp"], "ffn_gate_film": kwargs["ffn_film"]}
+    elif "ssm" in kwargs:
+        ssm = kwargs["ssm"]
+        values = {"ssm_band_width": ssm["band_width"], "ssm_enc_channels": ssm["enc_channels"],
+                  "ssm_dilations": list(ssm["dilations"]), "ssm_diag_subtract": ssm["diag_subtract"],
+                  "ssm_use_video_branch": int(ssm["use_video_branch"])}
+    if variant == "v2":
+        told_by = "v2 options in the saved options: " + ", ".join(k for k in V2_OPTIONS if hasattr(opt, k))
+    elif variant == "diagstrip":
+        told_by = "ssm_* options / gating type global_diagstrip_ssm"
+    else:
+        told_by = "no v2 or ssm_* options"
+    return {"fusion_variant": variant, "fusion_variant_source": told_by,
+            "gate_options": {k: {"value": v, "source": sources.get(k, "options")} for k, v in values.items()},
+            "gate_ranges": _ranges(model)}
+
+
+def _ranges(model):
+    from .gates import fusion_gate_ranges
+    return {} if model.fusion is None else {k: r.as_dict() for k, r in fusion_gate_ranges(model.fusion).items()}
 
 
 def strict_load(model, state_dict, path):
@@ -372,6 +454,7 @@ def load_checkpoint(path, device="cpu", trust_pickle=False, gating_type=None, op
         "gating_type_source": gating_source,
         "fusion_layers": len(model.fusion.fusion_layers) if model.fusion is not None else 0,
         "fusion_n_heads": model.fusion.fusion_layers[0].self_attention.num_heads if model.fusion is not None else None,
+        **_variant_report(opt, layout, model),
         "key_renames": renames,
         "keys": keys,
         "n_tensors": len(sd),

@@ -7,6 +7,7 @@ import argparse
 import os
 import sys
 
+from .config import GATING_TYPES
 from .errors import ConfigError, ToolkitError
 
 __all__ = ["model_args", "data_args", "run_main", "prepare_output_dir", "prepare_output_file",
@@ -23,17 +24,25 @@ def positive_int(text):
     return value
 
 
-ARCHITECTURE_OPTIONS = ("nheads", "fusion_n_heads")
+ARCHITECTURE_OPTIONS = ("nheads", "fusion_n_heads", "mha_gate_temp", "ssm_dilations", "ssm_diag_subtract")
 
 
 def add_architecture_args(group):
-    """--nheads, --fusion_n_heads: what a bare state dict's weight shapes cannot tell."""
+    """--nheads, --fusion_n_heads, --mha_gate_temp, --ssm_dilations, --ssm_diag_subtract: what a bare
+    state dict's weight shapes cannot tell (checked against saved options when there are any)."""
     group.add_argument("--nheads", type=positive_int, default=None,
                        help="transformer attention heads, for a bare state dict saved without options "
                             "(checked against the checkpoint's options when it has them)")
     group.add_argument("--fusion_n_heads", type=positive_int, default=None,
                        help="fusion attention heads, for a bare state dict saved without options "
                             "(checked against the checkpoint's options when it has them)")
+    group.add_argument("--mha_gate_temp", type=float, default=None,
+                       help="v2 gating: the sigmoid temperature of the MHA gate, for a bare state dict "
+                            "(it is not a weight; checked against the checkpoint's options)")
+    group.add_argument("--ssm_dilations", type=int, nargs="+", default=None,
+                       help="global_diagstrip_ssm gating: encoder dilations, for a bare state dict")
+    group.add_argument("--ssm_diag_subtract", type=float, default=None,
+                       help="global_diagstrip_ssm gating: diagonal suppression, for a bare state dict")
 
 
 def architecture_options(args):
@@ -47,7 +56,7 @@ def model_args():
     g = p.add_argument_group("model")
     g.add_argument("--model_path", help="checkpoint file (.ckpt/.pth) written by QD-DETR training")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
-    g.add_argument("--gating_type", choices=("global", "clipwise", "elementwise"), default=None,
+    g.add_argument("--gating_type", choices=GATING_TYPES, default=None,
                    help="checked against the checkpoint's options; required only when they do not say it")
     g.add_argument("--trust_checkpoint", action="store_true",
                    help="allow full unpickling of the checkpoint (only for files you trust)")

@@ -13,11 +13,32 @@ import os
 from .errors import ConfigError
 
 __all__ = [
-    "DEFAULT_OPTIONS", "ARCH_OPTIONS", "GATING_TYPES", "make_options", "options_from_opt_json",
-    "fusion_layout", "has_tef", "check_options", "resolve_path",
+    "DEFAULT_OPTIONS", "ARCH_OPTIONS", "GATING_TYPES", "FUSION_VARIANTS", "V2_OPTIONS", "SSM_OPTIONS",
+    "SSM_DEFAULTS_BEFORE_OPTIONS", "make_options", "options_from_opt_json", "fusion_layout", "fusion_variant",
+    "gate_options", "has_tef", "check_options", "resolve_path",
 ]
 
-GATING_TYPES = ("global", "clipwise", "elementwise")
+# Gating types of AVIGATEFusionCustom; global_diagstrip_ssm exists only in the diagstrip variant.
+GATING_TYPES = ("global", "clipwise", "elementwise", "global_diagstrip_ssm")
+
+# Variants of AVIGATEFusionCustom (see qd_detr.avigate_custom): the branch whose code a checkpoint needs.
+FUSION_VARIANTS = {
+    "v1": "avigate_custom branch (tanh gates)",
+    "diagstrip": "diagstrip-ssm branch (sigmoid MHA gate for global; global_diagstrip_ssm gate)",
+    "v2": "feat/gate_analysis_junhan_v2-0812 branch (v2 gate refinement: sigmoid MHA gate with "
+          "bias/temperature/scale, tanh*alpha FFN gate, optional FiLM shift)",
+}
+
+# The options each later branch added to its saved ``opt`` (with the parser defaults of that branch).
+# Their presence in a checkpoint's options tells the variant; they are not in DEFAULT_OPTIONS on purpose.
+V2_OPTIONS = dict(mha_gate_temp=1.5, mha_gate_bias_init=1.0, mha_gate_scale_init=1.0, ffn_gate_alpha_init=0.3,
+                  ffn_gate_film=False, ffn_gate_beta_init=0.3)
+SSM_OPTIONS = dict(ssm_band_width=8, ssm_enc_channels=64, ssm_dilations=[1, 2, 4], ssm_diag_subtract=0.1,
+                   ssm_use_video_branch=1)
+# Commit da424ca of the diagstrip-ssm branch hard-codes these values and saves no ssm_* options
+# (they became options at e7bb153, ssm_use_video_branch at 46bfa8c).
+SSM_DEFAULTS_BEFORE_OPTIONS = dict(ssm_band_width=8, ssm_enc_channels=64, ssm_dilations=[1, 2, 4],
+                                   ssm_diag_subtract=0.1, ssm_use_video_branch=1)
 
 # Defaults of the original BaseOptions (qd_detr/config.py of the research code) that matter for
 # building, running or training the model. Feature dimensions have no default there.
@@ -45,6 +66,8 @@ ARCH_OPTIONS = (
     "contrastive_hdim", "pre_norm", "use_txt_pos", "position_embedding", "v_feat_dim",
     "t_feat_dim", "a_feat_dim", "a_feat_dir", "use_avigate_custom", "use_avigate", "use_umt",
     "gating_type", "fusion_layers", "fusion_n_heads", "ctx_mode", "input_dropout", "dropout",
+    "mha_gate_temp", "ffn_gate_film", "ssm_band_width", "ssm_enc_channels", "ssm_dilations",
+    "ssm_diag_subtract", "ssm_use_video_branch",
 )
 
 
@@ -98,6 +121,66 @@ def fusion_layout(opt):
     return "concat"
 
 
+def fusion_variant(opt):
+    """The AVIGATEFusionCustom variant an option set describes: "v1", "diagstrip" or "v2".
+
+    Told by the options each branch saves: any v2 option (``mha_gate_temp``, ``ffn_gate_film``, ...)
+    means v2; any ``ssm_*`` option or gating type ``global_diagstrip_ssm`` means diagstrip. A plain
+    ``global`` checkpoint of diagstrip commits 87a994b / da424ca (sigmoid MHA gate, no ``ssm_*``
+    options yet) cannot be told from a v1 one by its file; only comparing outputs with the run's own
+    predictions can (``gate_analysis.reproduction``).
+    """
+    v2 = sorted(k for k in V2_OPTIONS if hasattr(opt, k))
+    ssm = sorted(k for k in SSM_OPTIONS if hasattr(opt, k))
+    if getattr(opt, "gating_type", None) == "global_diagstrip_ssm":
+        ssm = ssm or ["gating_type=global_diagstrip_ssm"]
+    if v2 and ssm:
+        raise ConfigError(f"options mix two research branches: v2 gate options ({', '.join(v2)}) and "
+                          f"diagstrip-ssm options ({', '.join(ssm)}); no branch of the research code has both")
+    return "v2" if v2 else "diagstrip" if ssm else "v1"
+
+
+def gate_options(opt):
+    """(keyword arguments for AVIGATEFusionCustom's gating functions, {option: source}) of an option set.
+
+    v2: ``mha_temp`` from ``mha_gate_temp`` (a plain float, only in the options: it must be there),
+    ``ffn_film`` and the ``*_init`` values (overwritten by the weights). diagstrip with
+    ``global_diagstrip_ssm``: the ``ssm`` settings, from the options or, before they were options,
+    from the values commit da424ca hard-codes.
+    """
+    variant = fusion_variant(opt)
+    if variant == "v2":
+        if getattr(opt, "mha_gate_temp", None) is None:
+            raise ConfigError("v2 gating needs mha_gate_temp (the sigmoid temperature lives only in the "
+                              "saved options; a wrong value changes every output): pass --mha_gate_temp")
+        kwargs = dict(mha_temp=float(opt.mha_gate_temp), ffn_film=bool(getattr(opt, "ffn_gate_film", False)),
+                      mha_bias_init=float(getattr(opt, "mha_gate_bias_init", 1.0)),
+                      mha_scale_init=float(getattr(opt, "mha_gate_scale_init", 1.0)),
+                      ffn_alpha_init=float(getattr(opt, "ffn_gate_alpha_init", 0.3)),
+                      ffn_beta_init=float(getattr(opt, "ffn_gate_beta_init", 0.3)))
+        sources = {"mha_gate_temp": "options",
+                   "ffn_gate_film": "options" if hasattr(opt, "ffn_gate_film") else "default (False)"}
+        return kwargs, sources
+    if variant == "diagstrip" and getattr(opt, "gating_type", None) == "global_diagstrip_ssm":
+        saved = {k: getattr(opt, k) for k in SSM_OPTIONS if hasattr(opt, k)}
+        values, sources = {}, {}
+        for key, default in SSM_DEFAULTS_BEFORE_OPTIONS.items():
+            if key in saved:
+                values[key], sources[key] = saved[key], "options"
+            else:
+                values[key] = default
+                sources[key] = ("not saved (before commit 46bfa8c the video branch is always used)"
+                                if key == "ssm_use_video_branch" and saved else
+                                "not saved: the value commit da424ca hard-codes")
+        dilations = values["ssm_dilations"]
+        dilations = [int(d) for d in (dilations if isinstance(dilations, (list, tuple)) else [dilations])]
+        ssm = dict(band_width=int(values["ssm_band_width"]), enc_channels=int(values["ssm_enc_channels"]),
+                   dilations=tuple(dilations), diag_subtract=float(values["ssm_diag_subtract"]),
+                   use_video_branch=bool(int(values["ssm_use_video_branch"])))
+        return {"ssm": ssm}, sources
+    return {}, {}
+
+
 def check_options(opt, source="options"):
     """Raise ConfigError when ``opt`` lacks what is needed to build the model."""
     missing = [k for k in ("v_feat_dim", "t_feat_dim") if getattr(opt, k, None) is None]
@@ -107,9 +190,13 @@ def check_options(opt, source="options"):
         raise ConfigError(f"{source}: missing option(s) {', '.join(missing)}")
     if getattr(opt, "position_embedding", "sine") != "sine":
         raise ConfigError(f"{source}: position_embedding={opt.position_embedding!r}; only 'sine' exists")
-    if fusion_layout(opt) == "custom" and opt.gating_type not in GATING_TYPES:
-        raise ConfigError(f"{source}: gating_type={opt.gating_type!r} is not supported "
-                          f"(supported: {', '.join(GATING_TYPES)})")
+    if fusion_layout(opt) == "custom":
+        variant = fusion_variant(opt)
+        allowed = GATING_TYPES if variant == "diagstrip" else GATING_TYPES[:3]
+        if opt.gating_type not in allowed:
+            raise ConfigError(f"{source}: gating_type={opt.gating_type!r} is not supported by the {variant} "
+                              f"fusion (supported: {', '.join(allowed)})")
+        gate_options(opt)
     if getattr(opt, "hidden_dim", 256) != 256:
         # gen_sineembed_for_position hard-codes 128 dims per coordinate (a 256-d query embedding).
         raise ConfigError(f"{source}: hidden_dim={opt.hidden_dim}; QD-DETR's anchor decoder requires 256")

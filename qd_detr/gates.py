@@ -6,10 +6,17 @@ and the fusion module itself to learn the video mask and to close each forward p
 added to the model's parameters or state dict, and the model's math is untouched.
 
 Per forward pass and batch element ``i`` (id ``ids[i]``, ``T_i = video_mask[i].sum()`` valid clips)
-the recorder emits a ``GateRecord`` whose ``gates[(layer, kind)]`` (kind ``"mha"`` or ``"ffn"``) is a
-float32 numpy copy: global -> (1,), clipwise -> (T_i,), elementwise -> (T_i, D). Padded clips are
-excluded; a global gate is stored once. The recorder checks that every gating hook fired exactly
-once per fusion forward and raises ``GateCaptureError`` otherwise.
+the recorder emits a ``GateRecord`` whose ``gates[(layer, kind)]`` (kind ``"mha"``, ``"ffn"`` and, for
+v2 FiLM layers, ``"beta"``) is a float32 numpy copy: global -> (1,), clipwise -> (T_i,), elementwise
+-> (T_i, D). Padded clips are excluded; a global gate is stored once. The FiLM shift ``g_beta`` is
+computed inside the block from ``gating_function.mlp_ffn_beta``; the recorder hooks that MLP and
+applies the gating function's own ``beta_from_raw``, so it records exactly what the block adds. The
+recorder checks that every gating hook fired exactly once per fusion forward and raises
+``GateCaptureError`` otherwise.
+
+Every layout declares the values its gates can take (``GateRange``, ``fusion_gate_ranges``): tanh
+[-1, 1]; sigmoid (0, scale); scaled tanh [-|alpha|, |alpha|]. Analyses read thresholds and colour
+scales from these declarations instead of assuming tanh.
 
 With ``capture_contributions=True`` it also hooks the branch outputs and records, per layer and
 clip, the effective contribution of each gated branch relative to the stream it is added to:
@@ -24,14 +31,56 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-__all__ = ["GATE_KINDS", "gate_name", "GateRecord", "GateRecorder", "GateCaptureError", "GateTrackingMixin",
-           "fusion_gating_type", "fusion_num_layers"]
+__all__ = ["GATE_KINDS", "gate_name", "GateRange", "GateRecord", "GateRecorder", "GateCaptureError",
+           "GateTrackingMixin", "fusion_gating_type", "fusion_num_layers", "fusion_gate_kinds", "fusion_gate_ranges"]
 
-GATE_KINDS = ("mha", "ffn")
+GATE_KINDS = ("mha", "ffn", "beta")
 
 
 def gate_name(layer, kind):
     return f"layers.{layer}.gate_{kind}"
+
+
+@dataclass(frozen=True)
+class GateRange:
+    """The values one gate can take and what they mean.
+
+    ``activation``: "tanh" [-1, 1], "sigmoid" (0, scale) or "scaled_tanh" [-|alpha|, |alpha|];
+    ``low``/``high``: the bounds; ``off``: the value at which the gated branch adds nothing (0, or -1
+    for a FiLM FFN gate, whose branch is scaled by 1 + g); ``film``: True for that FiLM FFN gate;
+    ``formula``: how the layer computes it, with its trained constants.
+    """
+    activation: str
+    low: float
+    high: float
+    off: float = 0.0
+    formula: str = ""
+    film: bool = False
+
+    @property
+    def signed(self):
+        """True when the gate can be negative."""
+        return self.low < 0.0
+
+    @property
+    def magnitude(self):
+        """The largest |g| the gate can reach."""
+        return max(abs(self.low), abs(self.high))
+
+    def meaning(self):
+        """One sentence: what small and large values mean for this gate."""
+        if self.film:
+            return (f"branch weight 1 + g, g in [{self.low:.3g}, {self.high:.3g}]: g = 0 means weight 1 "
+                    "(the FFN branch fully used), not off; > 0 amplified, < 0 damped")
+        if self.activation == "sigmoid":
+            return (f"in (0, {self.high:.3g}), never negative: near 0 = audio ignored, "
+                    f"near {self.high:.3g} = fully used")
+        return (f"in [{self.low:.3g}, {self.high:.3g}]: > 0 audio added, < 0 audio subtracted, "
+                "near 0 = audio ignored")
+
+    def as_dict(self):
+        return {"activation": self.activation, "low": self.low, "high": self.high, "off": self.off,
+                "film": self.film, "formula": self.formula, "meaning": self.meaning()}
 
 
 class GateCaptureError(RuntimeError):
@@ -55,6 +104,24 @@ def fusion_num_layers(fusion):
     return len(fusion.fusion_layers)
 
 
+def fusion_gate_kinds(fusion):
+    """The gate kinds the fusion module applies, in ``GATE_KINDS`` order (same for every layer)."""
+    found = {k for block in fusion.fusion_layers for k in getattr(block.gating_function, "gate_kinds", ("mha", "ffn"))}
+    return tuple(k for k in GATE_KINDS if k in found)
+
+
+def fusion_gate_ranges(fusion):
+    """{gate_name(layer, kind): GateRange} for every gate of every layer (constants as trained)."""
+    out = {}
+    for idx, block in enumerate(fusion.fusion_layers):
+        ranges = block.gating_function.gate_ranges() if hasattr(block.gating_function, "gate_ranges") else {
+            "mha": GateRange("tanh", -1.0, 1.0, formula="tanh(mlp)"),
+            "ffn": GateRange("tanh", -1.0, 1.0, formula="tanh(mlp)")}
+        for kind, rng in ranges.items():
+            out[gate_name(idx, kind)] = rng
+    return out
+
+
 def _to_numpy(t):
     return t.detach().to(device="cpu", dtype=torch.float32).numpy()
 
@@ -73,6 +140,9 @@ class GateRecorder:
         self.capture_contributions = capture_contributions
         self.gating_type = fusion_gating_type(fusion)
         self.num_layers = fusion_num_layers(fusion)
+        self.kinds = fusion_gate_kinds(fusion)
+        self._film = [hasattr(block.gating_function, "mlp_ffn_beta") and getattr(block.gating_function, "ffn_film", False)
+                      for block in fusion.fusion_layers]
         self._handles = []
         self._paused = False
         self._pending_ids = None
@@ -88,6 +158,8 @@ class GateRecorder:
         self._handles.append(f.register_forward_hook(self._on_fusion_end))
         for idx, block in enumerate(f.fusion_layers):
             self._handles.append(block.gating_function.register_forward_hook(self._gate_hook(idx)))
+            if self._film[idx]:
+                self._handles.append(block.gating_function.mlp_ffn_beta.register_forward_hook(self._beta_hook(idx)))
             if self.capture_contributions:
                 self._handles.extend(self._contribution_hooks(idx, block))
         return self
@@ -122,6 +194,8 @@ class GateRecorder:
         self._mask = None
         self._gates = {}
         self._fired = [0] * self.num_layers
+        self._fired_beta = [0] * self.num_layers
+        self._beta = {}
         self._branch = {}
 
     def _on_fusion_start(self, module, args, kwargs):
@@ -140,6 +214,17 @@ class GateRecorder:
             self._gates[idx] = output
         return hook
 
+    def _beta_hook(self, idx):
+        gating = self.fusion.fusion_layers[idx].gating_function
+
+        def hook(module, args, output):
+            if not self._active:
+                raise GateCaptureError(f"{gate_name(idx, 'beta')}: FiLM shift ran outside a fusion forward")
+            self._fired_beta[idx] += 1
+            beta = gating.beta_from_raw(output)  # the block's own formula on the same raw output
+            self._beta[idx] = beta.unsqueeze(-1) if gating.gating_type == "global" else beta
+        return hook
+
     def _contribution_hooks(self, idx, block):
         def save(key, use_input=False):
             def hook(module, args, output):
@@ -148,9 +233,13 @@ class GateRecorder:
             return hook
         handles = [block.register_forward_pre_hook(lambda m, a: self._branch.__setitem__((idx, "V"), a[0].detach())),
                    block.norm2.register_forward_pre_hook(
-                       lambda m, a: self._branch.__setitem__((idx, "z"), a[0].detach())),
-                   block.ffn1.register_forward_hook(save("ffn"))]
+                       lambda m, a: self._branch.__setitem__((idx, "z"), a[0].detach()))]
         branch = block.out_proj if hasattr(block, "out_proj") else block.cross_attention
+        if hasattr(block, "delta_norm_mha"):  # v2: the gates scale the normalised deltas
+            branch = block.delta_norm_mha
+            handles.append(block.delta_norm_ffn.register_forward_hook(save("ffn")))
+        else:
+            handles.append(block.ffn1.register_forward_hook(save("ffn")))
         handles.append(branch.register_forward_hook(save("mha")))
         return handles
 
@@ -159,6 +248,10 @@ class GateRecorder:
             if self._fired != [1] * self.num_layers:
                 raise GateCaptureError(f"gate hooks fired {self._fired} times per layer in one fusion forward; "
                                        f"expected exactly once for each of {self.num_layers} layers")
+            expected_beta = [int(f) for f in self._film]
+            if self._fired_beta != expected_beta:
+                raise GateCaptureError(f"FiLM shift hooks fired {self._fired_beta} times per layer in one fusion "
+                                       f"forward; expected {expected_beta}")
             records = None if self._paused else self._build_records()
         finally:
             self._active = False
@@ -188,7 +281,10 @@ class GateRecorder:
         records = [GateRecord(sample_id=ids[i], n_clips=int(lengths[i])) for i in range(batch)]
         per_clip = self.gating_type in ("clipwise", "elementwise")
         for layer in range(self.num_layers):
-            for kind, gate in zip(GATE_KINDS, self._gates[layer]):
+            gates = list(zip(("mha", "ffn"), self._gates[layer]))
+            if self._film[layer]:
+                gates.append(("beta", self._beta[layer]))
+            for kind, gate in gates:
                 arr = _to_numpy(gate)
                 if per_clip:
                     if self.gating_type == "clipwise":
@@ -207,10 +303,15 @@ class GateRecorder:
         g_mha, g_ffn = self._gates[layer]
         if g_mha.dim() == 2:  # legacy [B, 1]
             g_mha, g_ffn = g_mha.unsqueeze(-1), g_ffn.unsqueeze(-1)
+        z_norm = self._branch[(layer, "z")].norm(dim=-1)
+        ffn_weight = (1 + g_ffn) if self._film[layer] else g_ffn  # FiLM scales the FFN delta by 1 + g
         ratios = {
             "mha": (g_mha * self._branch[(layer, "mha")]).norm(dim=-1) / self._branch[(layer, "V")].norm(dim=-1),
-            "ffn": (g_ffn * self._branch[(layer, "ffn")]).norm(dim=-1) / self._branch[(layer, "z")].norm(dim=-1),
+            "ffn": (ffn_weight * self._branch[(layer, "ffn")]).norm(dim=-1) / z_norm,
         }
+        if self._film[layer]:
+            shift = self._beta[layer].expand_as(self._branch[(layer, "z")])
+            ratios["beta"] = shift.norm(dim=-1) / z_norm
         for kind, ratio in ratios.items():
             arr = _to_numpy(ratio)  # [B, L]
             for i, rec in enumerate(records):
@@ -271,8 +372,8 @@ class GateTrackingMixin:
         records = self._records(sample_id)
         stats = {}
         for layer in range(fusion_num_layers(self)):
-            for kind in GATE_KINDS:
-                values = [r.gates[(layer, kind)].reshape(-1) for r in records]
+            for kind in fusion_gate_kinds(self):
+                values = [r.gates[(layer, kind)].reshape(-1) for r in records if (layer, kind) in r.gates]
                 if not values:
                     continue
                 v = np.concatenate(values).astype(np.float64)

@@ -11,7 +11,7 @@ from torch import nn
 
 from .avigate import AVIGATEFusion
 from .avigate_custom import AVIGATEFusionCustom
-from .config import check_options, fusion_layout
+from .config import check_options, fusion_layout, fusion_variant, gate_options
 from .errors import ConfigError
 from .position_encoding import build_position_encoding
 from .transformer import MLP, build_transformer, inverse_sigmoid
@@ -71,7 +71,7 @@ class QDDETR(nn.Module):
     def __init__(self, transformer, position_embed, txt_position_embed, txt_dim, vid_dim, num_queries,
                  input_dropout, aux_loss=False, contrastive_align_loss=False, contrastive_hdim=64, max_v_l=75,
                  span_loss_type="l1", use_txt_pos=False, n_input_proj=2, aud_dim=0, layout="video_only",
-                 gating_type="global", fusion_layers=4, fusion_n_heads=8):
+                 gating_type="global", fusion_layers=4, fusion_n_heads=8, fusion_variant="v1", gate_options=None):
         super().__init__()
         self.num_queries = num_queries
         self.transformer = transformer
@@ -91,7 +91,8 @@ class QDDETR(nn.Module):
         self.fusion = None
         if layout == "custom":
             self.fusion = AVIGATEFusionCustom(vid_dim, aud_dim, hidden_dim, n_heads=fusion_n_heads,
-                                              num_layers=fusion_layers, gating_type=gating_type)
+                                              num_layers=fusion_layers, gating_type=gating_type,
+                                              variant=fusion_variant, **(gate_options or {}))
             self.input_vid_proj = _input_proj(vid_dim, hidden_dim, n_input_proj, input_dropout)
             self.input_aud_proj = _input_proj(aud_dim, hidden_dim, n_input_proj, input_dropout)
         elif layout == "avigate":
@@ -222,5 +223,7 @@ def build_model(opt):
         contrastive_align_loss=opt.contrastive_align_loss, contrastive_hdim=opt.contrastive_hdim,
         span_loss_type=opt.span_loss_type, use_txt_pos=opt.use_txt_pos, n_input_proj=opt.n_input_proj,
         layout=layout, gating_type=getattr(opt, "gating_type", "global"),
-        fusion_layers=getattr(opt, "fusion_layers", 4), fusion_n_heads=getattr(opt, "fusion_n_heads", 8))
+        fusion_layers=getattr(opt, "fusion_layers", 4), fusion_n_heads=getattr(opt, "fusion_n_heads", 8),
+        fusion_variant=fusion_variant(opt) if layout == "custom" else "v1",
+        gate_options=gate_options(opt)[0] if layout == "custom" else None)
     return model
