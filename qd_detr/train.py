@@ -51,7 +51,7 @@ from tqdm import tqdm
 
 from .checkpoint import normalize_state_dict, read_checkpoint, resolve_device, split_checkpoint, strict_load
 from .cli import prepare_output_dir, run_main
-from .config import DEFAULT_OPTIONS, GATING_TYPES, check_options, make_options
+from .config import DEFAULT_OPTIONS, FUSION_VARIANTS, GATING_TYPES, SSM_OPTIONS, V2_OPTIONS, check_options, make_options
 from .dataset import QVHighlightsDataset, collate, has_labels, move_to_device, read_jsonl
 from .errors import CheckpointError, ConfigError, DataError
 from .eval import eval_submission
@@ -135,6 +135,36 @@ def get_args_parser():
     g.add_argument("--gating_type", default=_D["gating_type"], choices=GATING_TYPES)
     g.add_argument("--fusion_layers", type=_pos_int, default=_D["fusion_layers"])
     g.add_argument("--fusion_n_heads", type=_pos_int, default=_D["fusion_n_heads"])
+    g.add_argument("--fusion_variant", choices=tuple(FUSION_VARIANTS), default=None,
+                   help="which research branch's fusion math: v1 (avigate_custom, tanh gates), diagstrip "
+                        "(diagstrip-ssm: sigmoid MHA gate for global, global_diagstrip_ssm), v2 (gate "
+                        "refinement). Default: v2 when a v2 flag below is given, diagstrip when an --ssm_* "
+                        "flag or --gating_type global_diagstrip_ssm is, else v1. The checkpoint saves the "
+                        "options of that branch, so it loads in the branch's own code")
+    g = p.add_argument_group("v2 gating (branch feat/gate_analysis_junhan_v2-0812)")
+    g.add_argument("--mha_gate_temp", type=float, default=None,
+                   help=f"sigmoid temperature of the MHA gate (default {V2_OPTIONS['mha_gate_temp']})")
+    g.add_argument("--mha_gate_bias_init", type=float, default=None,
+                   help=f"initial MHA gate bias (default {V2_OPTIONS['mha_gate_bias_init']})")
+    g.add_argument("--mha_gate_scale_init", type=float, default=None,
+                   help=f"initial MHA gate scale (default {V2_OPTIONS['mha_gate_scale_init']})")
+    g.add_argument("--ffn_gate_alpha_init", type=float, default=None,
+                   help=f"initial FFN gate alpha (default {V2_OPTIONS['ffn_gate_alpha_init']})")
+    g.add_argument("--ffn_gate_film", action="store_true", default=None,
+                   help="FiLM: FFN branch scaled by 1 + g_ffn plus a shift g_beta")
+    g.add_argument("--ffn_gate_beta_init", type=float, default=None,
+                   help=f"initial FiLM shift scale (default {V2_OPTIONS['ffn_gate_beta_init']})")
+    g = p.add_argument_group("diagstrip-ssm gating (branch diagstrip-ssm)")
+    g.add_argument("--ssm_band_width", type=_pos_int, default=None,
+                   help=f"diagonal strip half-width w (default {SSM_OPTIONS['ssm_band_width']})")
+    g.add_argument("--ssm_enc_channels", type=_pos_int, default=None,
+                   help=f"strip encoder channels (default {SSM_OPTIONS['ssm_enc_channels']})")
+    g.add_argument("--ssm_dilations", type=_pos_int, nargs="+", default=None,
+                   help=f"strip encoder dilations (default {' '.join(map(str, SSM_OPTIONS['ssm_dilations']))})")
+    g.add_argument("--ssm_diag_subtract", type=float, default=None,
+                   help=f"diagonal suppression (default {SSM_OPTIONS['ssm_diag_subtract']})")
+    g.add_argument("--ssm_use_video_branch", type=int, choices=(0, 1), default=None,
+                   help="1: audio and video strips (default), 0: audio only")
 
     g = p.add_argument_group("loss")
     for name in ("lw_saliency", "saliency_margin", "set_cost_span", "set_cost_giou", "set_cost_class",
@@ -229,6 +259,7 @@ def options_from_args(args):
                               "without one there are no gates")
     if "video" not in raw["ctx_mode"] and "tef" not in raw["ctx_mode"]:
         raise ConfigError(f"--ctx_mode {raw['ctx_mode']!r} has neither 'video' nor 'tef'")
+    _variant_options(raw)
     results_dir = os.path.abspath(raw["results_dir"])
     raw["results_dir"] = results_dir
     opt_json = dict(raw)
@@ -250,6 +281,35 @@ def options_from_args(args):
     opt.eval_log_txt_formatter = EVAL_LOG_FORMAT
     check_options(opt, "training options")
     return opt, opt_json
+
+
+def _variant_options(raw):
+    """Replace the v2 / ssm flags in ``raw`` by the full option set of the chosen branch (as that
+    branch's parser saves it) or by nothing (v1); raise ConfigError on flags of the wrong branch."""
+    variant = raw.pop("fusion_variant")
+    given_v2 = sorted(k for k in V2_OPTIONS if raw.get(k) is not None)
+    given_ssm = sorted(k for k in SSM_OPTIONS if raw.get(k) is not None)
+    if variant is None:
+        if given_v2 and given_ssm:
+            raise ConfigError(f"v2 flags ({', '.join(given_v2)}) and diagstrip-ssm flags ({', '.join(given_ssm)}) "
+                              "belong to different research branches; choose one")
+        ssm_type = raw["gating_type"] == "global_diagstrip_ssm"
+        variant = "v2" if given_v2 else "diagstrip" if given_ssm or ssm_type else "v1"
+    wrong = {"v1": given_v2 + given_ssm, "v2": given_ssm, "diagstrip": given_v2}[variant]
+    if wrong:
+        raise ConfigError(f"--fusion_variant {variant} has no option(s) {', '.join(wrong)}")
+    if variant != "v1" and not raw["use_avigate_custom"]:
+        raise ConfigError(f"--fusion_variant {variant} is a variant of --use_avigate_custom; pass it too")
+    if raw["gating_type"] == "global_diagstrip_ssm" and variant != "diagstrip":
+        raise ConfigError(f"--gating_type global_diagstrip_ssm exists only in the diagstrip variant, not {variant}")
+    for table, own in ((V2_OPTIONS, "v2"), (SSM_OPTIONS, "diagstrip")):
+        for key, default in table.items():
+            value = raw.pop(key)
+            if variant == own:
+                raw[key] = list(default) if isinstance(default, list) and value is None else \
+                    (default if value is None else value)
+    if variant == "v2":
+        raw["ffn_gate_film"] = bool(raw["ffn_gate_film"])
 
 
 def opt_json_from(opt):

@@ -21,7 +21,8 @@ torch.set_num_threads(1)
 
 requires_fixtures = pytest.mark.skipif(not FIXTURE_DATA.is_dir(),
                                        reason="../shared/fixtures not present (only in CI and dev checkouts)")
-FIXTURE_NAMES = ("ckpt_custom_global", "ckpt_custom_clipwise", "ckpt_avigate_legacy", "ckpt_main_plain")
+FIXTURE_NAMES = ("ckpt_custom_global", "ckpt_custom_clipwise", "ckpt_avigate_legacy", "ckpt_main_plain",
+                 "ckpt_v2_clipwise_film", "ckpt_ssm_diagstrip")
 
 
 def fixture_feature_args(audio=True):

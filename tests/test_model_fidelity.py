@@ -98,13 +98,19 @@ def test_original_batching_differs_from_per_query_where_the_original_is_batch_de
     assert _max_diffs(ref, outputs, gates, trim=True)["gates"] > 1e-3
 
 
-@pytest.mark.parametrize("layout,gating", [("custom", "global"), ("custom", "clipwise"),
-                                           ("custom", "elementwise"), ("avigate", "global"),
-                                           ("concat", None), ("video_only", None)])
-def test_batched_equals_single_in_query_mode(demo_data, layout, gating):
+V2_FILM = dict(mha_gate_temp=2.0, ffn_gate_film=True)
+SSM = dict(ssm_band_width=3, ssm_enc_channels=8, ssm_dilations=[1, 2], ssm_diag_subtract=0.1, ssm_use_video_branch=1)
+
+
+@pytest.mark.parametrize("layout,gating,extra", [
+    ("custom", "global", {}), ("custom", "clipwise", {}), ("custom", "elementwise", {}), ("avigate", "global", {}),
+    ("concat", None, {}), ("video_only", None, {}), ("custom", "global", V2_FILM), ("custom", "elementwise", V2_FILM),
+    ("custom", "global", dict(mha_gate_temp=1.5)), ("custom", "global_diagstrip_ssm", SSM),
+    ("custom", "global", dict(SSM))])
+def test_batched_equals_single_in_query_mode(demo_data, layout, gating, extra):
     """Project-built models: outputs and gates of a ragged batch equal one-at-a-time runs."""
     root, paths = demo_data
-    model, opt = small_model(layout, gating or "global", seed=1)
+    model, opt = small_model(layout, gating or "global", seed=1, **extra)
     dirs = {"v_feat_dirs": paths["v_feat_dirs"], "t_feat_dir": paths["t_feat_dir"],
             "a_feat_dir": paths["a_feat_dir"] if layout != "video_only" else None}
     dataset = build_dataset(opt, read_jsonl(paths["jsonl"]["val"]), dirs)
