@@ -27,6 +27,7 @@ from qd_detr.gates import GateRecorder, fusion_gate_kinds, fusion_gating_type, f
 from qd_detr.inference import build_dataset, evaluate, iterate_batches, make_batches, resolve_feature_dirs
 from qd_detr.model import NoFusionError
 from qd_detr.postprocess import submission_lines, write_json, write_jsonl
+from qd_detr.research_options import describe_unknown
 
 from .background import OrderedWorker, PlotJob, release_freed_memory
 from .ground_truth import GroundTruthAccumulator
@@ -305,6 +306,11 @@ def format_summary(manifest, layer_table, rankings, out):
                 qids = sel[sel["rank_type"] == rank_type]["qid"].tolist()
                 if qids:
                     lines.append(f"  {rank_type} queries by mean {kind} gate (all layers): {qids}")
+    load_report = manifest.get("checkpoint", {}).get("load_report", {})
+    if load_report.get("fusion_variant"):
+        opts = ", ".join(f"{k} {v['value']}" for k, v in load_report.get("gate_options", {}).items())
+        lines.append(f"  fusion variant {load_report['fusion_variant']}" + (f" ({opts})" if opts else ""))
+    lines.append("  " + describe_unknown(load_report.get("unknown_options", [])))
     skipped = manifest["counts"].get("skipped", 0)
     if skipped:
         lines.append(f"  skipped {skipped} queries with missing feature files (listed in run.json)")

@@ -22,10 +22,21 @@ from typing import NamedTuple
 
 import torch
 
-from .config import (GATING_TYPES, V2_OPTIONS, fusion_layout, fusion_variant, gate_options, has_tef, make_options,
-                     options_from_opt_json)
+from .config import (
+    ARCH_OPTIONS,
+    GATING_TYPES,
+    TOOLKIT_OPTIONS,
+    V2_OPTIONS,
+    fusion_layout,
+    fusion_variant,
+    gate_options,
+    has_tef,
+    make_options,
+    options_from_opt_json,
+)
 from .errors import CheckpointError, ConfigError
 from .model import build_model
+from .research_options import classify_saved_options
 
 __all__ = ["load_checkpoint", "LoadedCheckpoint", "read_checkpoint", "normalize_state_dict", "KEY_RENAMES",
            "describe_state_dict", "infer_options", "strict_load", "resolve_device", "file_sha256", "SAFE_GLOBALS"]
@@ -332,6 +343,32 @@ def _check_against_weights(opt, info, path):
                                   f"{info['fusion_layers']} fusion layers")
 
 
+# Architecture options the rebuild implements (pre_norm only at False: build_model refuses True).
+IMPLEMENTED_OPTIONS = frozenset(ARCH_OPTIONS) - {"pre_norm"}
+
+
+def _check_saved_options(raw_opt, opt_json, path):
+    """Classify the saved options against the research code's option table (``research_options``).
+
+    Returns the classification (``unknown``: names the table does not know, listed in every report);
+    an option known to change the forward that this toolkit does not implement is a ConfigError.
+    Options our own ``train.py`` adds (``TOOLKIT_OPTIONS``) are known.
+    """
+    if raw_opt is not None:
+        saved = vars(raw_opt) if isinstance(raw_opt, argparse.Namespace) else dict(raw_opt)
+    elif os.path.isfile(opt_json):
+        saved = vars(options_from_opt_json(opt_json))
+    else:
+        return {"unknown": [], "arch_not_implemented": []}
+    found = classify_saved_options(saved, implemented=IMPLEMENTED_OPTIONS)
+    found["unknown"] = [k for k in found["unknown"] if k not in TOOLKIT_OPTIONS]
+    if found["arch_not_implemented"]:
+        values = ", ".join(f"{k}={saved[k]!r}" for k in found["arch_not_implemented"])
+        raise ConfigError(f"{path}: the saved options turn on architecture feature(s) this toolkit does not "
+                          f"implement: {values}; the rebuilt model would compute something else")
+    return found
+
+
 def _variant_report(opt, layout, model):
     """Load-report entries on the fusion variant: which branch's math, the option values that are not
     weights (with where they came from) and every gate's declared range."""
@@ -415,6 +452,7 @@ def load_checkpoint(path, device="cpu", trust_pickle=False, gating_type=None, op
                 raise ConfigError(f"{path}: {key}={value} was given but the checkpoint's options say "
                                   f"{key}={stated} ({source})")
             setattr(opt, key, value)
+    saved = _check_saved_options(raw_opt, opt_json, path)
     layout = fusion_layout(opt)
     gating_source = None
     if layout == "custom":
@@ -455,6 +493,7 @@ def load_checkpoint(path, device="cpu", trust_pickle=False, gating_type=None, op
         "fusion_layers": len(model.fusion.fusion_layers) if model.fusion is not None else 0,
         "fusion_n_heads": model.fusion.fusion_layers[0].self_attention.num_heads if model.fusion is not None else None,
         **_variant_report(opt, layout, model),
+        "unknown_options": saved["unknown"],
         "key_renames": renames,
         "keys": keys,
         "n_tensors": len(sd),

@@ -13,13 +13,19 @@ import os
 from .errors import ConfigError
 
 __all__ = [
-    "DEFAULT_OPTIONS", "ARCH_OPTIONS", "GATING_TYPES", "FUSION_VARIANTS", "V2_OPTIONS", "SSM_OPTIONS",
+    "DEFAULT_OPTIONS", "ARCH_OPTIONS", "TOOLKIT_OPTIONS", "GATING_TYPES", "FUSION_VARIANTS", "V2_OPTIONS", "SSM_OPTIONS",
     "SSM_DEFAULTS_BEFORE_OPTIONS", "make_options", "options_from_opt_json", "fusion_layout", "fusion_variant",
     "gate_options", "has_tef", "check_options", "resolve_path",
 ]
 
 # Gating types of AVIGATEFusionCustom; global_diagstrip_ssm exists only in the diagstrip variant.
 GATING_TYPES = ("global", "clipwise", "elementwise", "global_diagstrip_ssm")
+
+# Options that this toolkit's own train.py saves besides the research code's (qd_detr.research_options
+# has the research code's); none changes the model.
+TOOLKIT_OPTIONS = ("batching", "quiet", "overwrite", "eval_epoch", "gate_monitor_every", "gate_monitor_qids",
+                   "gate_monitor_n", "gate_monitor_no_plots", "pin_memory", "use_tef", "use_video",
+                   "tensorboard_log_dir")
 
 # Variants of AVIGATEFusionCustom (see qd_detr.avigate_custom): the branch whose code a checkpoint needs.
 FUSION_VARIANTS = {

@@ -292,3 +292,17 @@ def test_training_writes_the_research_branch_options_and_monitors_every_gate(dem
                              weights_only=False)["model"]
             # the fixture has three dilations (encoder.net.0..15), this run two (net.0..10)
             assert [k for k in ref if not any(f"encoder.net.{i}." in k for i in (12, 15))] == list(weights)
+
+
+def test_saved_options_unknown_are_listed_and_unimplemented_architecture_is_refused(tmp_path):
+    model, opt = small_model("custom", "clipwise", seed=0)
+    opt.my_new_flag = 3
+    save_checkpoint(tmp_path / "a.ckpt", model, opt)
+    assert load_checkpoint(tmp_path / "a.ckpt")[2]["unknown_options"] == ["my_new_flag"]
+    opt.use_temporal_gate = True  # a research-branch fusion this toolkit does not implement
+    save_checkpoint(tmp_path / "b.ckpt", model, opt)
+    with pytest.raises(ToolkitError, match="use_temporal_gate=True"):
+        load_checkpoint(tmp_path / "b.ckpt")
+    opt.use_temporal_gate = False  # off: harmless, known
+    save_checkpoint(tmp_path / "c.ckpt", model, opt)
+    assert load_checkpoint(tmp_path / "c.ckpt")[2]["unknown_options"] == ["my_new_flag"]
