@@ -10,14 +10,15 @@
     GateAnalyzer(fusion).analyze_all_samples("out/my_analysis")   # CSVs, plots, raw gates
 
     run = load_gate_run("out/my_analysis")        # or any run_gate_analysis.py output folder
-    run.gate(qid, layer=0, kind="mha")            # global (1,), clipwise (T,), elementwise (T, D)
+    run.gate(qid, layer=0, kind="mha")            # global (1,), clipwise (T,), elementwise (T, D); kinds mha, ffn, beta
+    run.gate_range(0, "mha")                      # its declared range (GateRange: tanh, sigmoid, scaled_tanh)
     run.frame()                                   # tidy pandas view
 """
 import os
 
 from gate_analysis.stats import CSV_COLUMNS, GateStatsAccumulator, write_stats_csvs
 from gate_analysis.store import GateRun, GateStoreWriter, load_gate_run
-from qd_detr.gates import fusion_gate_kinds, fusion_gating_type, fusion_num_layers
+from qd_detr.gates import fusion_gate_kinds, fusion_gate_ranges, fusion_gating_type, fusion_num_layers
 
 __all__ = ["GateAnalyzer", "load_gate_run", "GateRun", "GateStatsAccumulator", "write_stats_csvs", "CSV_COLUMNS"]
 
@@ -50,10 +51,10 @@ class GateAnalyzer:
         """Write raw gates (gates/), gate_*.csv and plots/ into ``output_dir``; return the paths.
         An earlier analysis in ``output_dir`` is replaced only with ``overwrite=True``."""
         os.makedirs(output_dir, exist_ok=True)
-        kinds = fusion_gate_kinds(self.fusion)
+        kinds, ranges = fusion_gate_kinds(self.fusion), fusion_gate_ranges(self.fusion)
         writer = GateStoreWriter(output_dir, self.gating_type, len(self.layers), overwrite=overwrite,
-                                 hidden_dim=getattr(self.fusion, "hidden_dim", None), kinds=kinds)
-        acc = GateStatsAccumulator(self.gating_type, self.layers, kinds=kinds)
+                                 hidden_dim=getattr(self.fusion, "hidden_dim", None), kinds=kinds, gate_ranges=ranges)
+        acc = GateStatsAccumulator(self.gating_type, self.layers, kinds=kinds, gate_ranges=ranges)
         for qid, vid, rec in self._keyed():
             writer.add(qid, vid, rec.gates, n_clips=rec.n_clips)
             acc.update(qid, rec.gates, vid=vid, n_clips=rec.n_clips)

@@ -17,9 +17,19 @@ equal the reference (checkpoint: the same weights with no hook; in-memory: the g
 1e-6. ``report["legacy_adapter"]`` (checkpoint) or the report itself (in-memory) holds the proof.
 The implementation lives in ``gate_analysis.legacy``.
 """
-from gate_analysis.legacy import (FUSION_SCOPE_PREFIX, KEY_RENAMES, KEY_TABLE, TOLERANCE, EquivalenceError,
-                                  IncompatibleModelError, adapt_legacy_model, check_compatibility,
-                                  classify_keys, inspect_checkpoint, load_legacy_model_with_gate_tracking)
+from gate_analysis.legacy import (
+                                  FUSION_SCOPE_PREFIX,
+                                  KEY_RENAMES,
+                                  KEY_TABLE,
+                                  TOLERANCE,
+                                  EquivalenceError,
+                                  IncompatibleModelError,
+                                  adapt_legacy_model,
+                                  check_compatibility,
+                                  classify_keys,
+                                  inspect_checkpoint,
+                                  load_legacy_model_with_gate_tracking,
+)
 
 __all__ = ["load_legacy_model_with_gate_tracking", "adapt_legacy_model", "check_compatibility",
            "inspect_checkpoint", "classify_keys", "IncompatibleModelError", "EquivalenceError", "KEY_RENAMES",

@@ -40,6 +40,9 @@ def get_args_parser():
     p.add_argument("--legacy_model", action="store_true",
                    help="load through legacy_model_adapter (verifies that outputs are unchanged and "
                         "records the proof in run.json); numbers are identical either way")
+    p.add_argument("--original_predictions", default=None, metavar="FILE",
+                   help="the original run's prediction file to reproduce (with --legacy_model: default found beside "
+                        "the checkpoint); its queries are re-run with the original batching, verdict in run.json")
     p.add_argument("--max_samples", type=int, default=None, help="analyse only the first N queries of the JSONL")
     p.add_argument("--compare_samples", nargs="*", type=int, default=None, metavar="QID",
                    help="queries to compare in plots/sample_comparison.png (no ids: the top and bottom queries)")
@@ -57,9 +60,10 @@ def get_args_parser():
     g.add_argument("--ablate_layers", nargs="+", default=["all"], metavar="LAYERS",
                    help="layers of the gate clamps: one intervention per item, 'all' or a layer index "
                         "(default: all)")
-    g.add_argument("--ablate_gates", nargs="+", default=["both"], choices=("mha", "ffn", "both"),
-                   help="gates the clamps replace: one intervention per item (default: both, so zero@all:both "
-                        "switches audio off entirely)")
+    g.add_argument("--ablate_gates", nargs="+", default=["both"], choices=("mha", "ffn", "beta", "both", "all"),
+                   help="gates the clamps replace: one intervention per item; both = mha and ffn (default: "
+                        "zero@all:both switches audio off entirely), beta = the v2 FiLM shift, all = every gate "
+                        "of the model (v2 FiLM: zero@all:all switches audio off; zero on ffn means weight 1)")
     g.add_argument("--ablate_seed", type=int, default=0, help="seed of the audio_swap pairing of videos (default: 0)")
     g.add_argument("--contributions", action="store_true",
                    help="record per-clip effective contributions ||gate * branch|| / ||residual|| during the main "

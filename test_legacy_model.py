@@ -7,6 +7,9 @@
 Reports the checkpoint's format and options, fusion layout, gating type (and where it comes from),
 key matches, parameter count, the weight and output-equivalence proof on a ragged probe batch, the
 gates captured per layer with their shapes and, with --data_path, one real batch through the model.
+When the original run's predictions are beside the checkpoint (best_/latest_*_preds.jsonl,
+*_submission.jsonl; or --original_predictions FILE) and the data and features are available, their
+queries are re-run with the original batching and compared: REPRODUCES or DIFFERS (incompatible).
 Exit code: 0 compatible, 1 incompatible (reason given), 2 unreadable or bad input.
 (Not a pytest file: pytest collects only tests/.)
 """
@@ -34,20 +37,24 @@ def get_args_parser():
                    help="allow full unpickling of the checkpoint (only for files you trust)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.add_argument("--original_predictions", default=None, metavar="FILE",
+                   help="the original run's prediction file to reproduce (default: found beside the checkpoint)")
+    p.add_argument("--skip_reproduction", action="store_true",
+                   help="do not re-run the original run's predictions")
     add_architecture_args(p)
     return p
 
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    data = None
-    if args.data_path:
-        data = {"data_path": args.data_path, "v_feat_dirs": args.v_feat_dirs, "t_feat_dir": args.t_feat_dir,
-                "a_feat_dir": args.a_feat_dir}
+    data = {"data_path": args.data_path, "v_feat_dirs": args.v_feat_dirs, "t_feat_dir": args.t_feat_dir,
+            "a_feat_dir": args.a_feat_dir}  # the real batch runs only with data_path
+    reproduction = None if args.skip_reproduction else {"original_predictions": args.original_predictions}
     try:
         report, code = check_compatibility(args.model_path, gating_type=args.gating_type,
                                            trust_pickle=args.trust_checkpoint, device=args.device, data=data,
-                                           batch_size=args.batch_size, options=architecture_options(args))
+                                           batch_size=args.batch_size, options=architecture_options(args),
+                                           reproduction=reproduction)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -7,8 +7,7 @@ Gates are named ``(layer, kind)`` / ``layers.{layer}.gate_{kind}`` everywhere.
 Importing this package does not import matplotlib: the plotting names (``plot_all`` and the
 ``plot_*`` functions) are loaded from ``gate_analysis.plots`` on first access.
 """
-from .stats import (CSV_COLUMNS, CSV_FILES, QUERY_STAT_NAMES, GateStatsAccumulator, accumulate_gate_run,
-                    write_stats_csvs)
+from .stats import CSV_COLUMNS, CSV_FILES, QUERY_STAT_NAMES, GateStatsAccumulator, accumulate_gate_run, write_stats_csvs
 from .store import GATE_KINDS, GATING_TYPES, GateRun, GateStoreWriter, gate_name, load_gate_run
 
 _PLOT_NAMES = ("plot_all", "plot_layer_distributions", "plot_query_layer_heatmap", "plot_query_clip_heatmap",

@@ -7,11 +7,16 @@ Interventions (``run_gate_analysis.py --ablate ...``), each a full re-run of inf
   (the dataset mean of that gate, from the main pass: clip-weighted mean of all values, per feature
   dim for elementwise gating), applied to the layers of each ``--ablate_layers`` item (``all`` or a
   layer index: one intervention per item) and to the gates of each ``--ablate_gates`` item (``mha``,
-  ``ffn`` or ``both``). Named ``{value}@{layers}:{gates}``, e.g. ``zero@all:both`` (audio fully off:
-  with both gates 0 the fusion block never reads A), ``mean@1:mha``.
+  ``ffn``, ``beta``, ``both`` = mha and ffn, ``all`` = every gate kind of the model). Named
+  ``{value}@{layers}:{gates}``, e.g. ``zero@all:both`` (audio fully off in v1 and v2 without FiLM:
+  with both gates 0 the fusion block never reads A), ``mean@1:mha``. With v2 FiLM the FFN branch is
+  weighted by ``1 + g_ffn``: ``zero`` on ``ffn`` means weight 1 (not off; ``minus_one`` switches it off)
+  and the shift ``beta`` also carries audio, so audio is fully off only with ``zero@all:all``.
   Implemented by forward hooks on ``fusion.fusion_layers[l].gating_function`` that replace its
-  output ``(gate_mha, gate_ffn)`` with constants of the same shape (``clamp_gates``); removing the
-  hooks restores the model exactly (no parameter or buffer is touched).
+  output ``(gate_mha, gate_ffn)`` with constants of the same shape, and for ``beta`` on its
+  ``mlp_ffn_beta`` (the raw output is replaced by ``atanh(value / ffn_beta)``, so the block's own
+  ``tanh(raw) * ffn_beta`` equals the value; only values inside the gate's range can be set)
+  (``clamp_gates``); removing the hooks restores the model exactly (no parameter or buffer is touched).
 - audio inputs ``audio_zero`` (every audio feature of the query set to 0; the two temporal-endpoint
   (TEF) columns, which encode clip position rather than sound, are kept) and ``audio_swap`` (the
   query's audio replaced by another video's: a seeded derangement of the distinct videos, so no video
@@ -26,7 +31,8 @@ interventions a negative delta means audio helped that query; a positive one tha
 
 Effective contribution (``--contributions``): the recorder (``GateRecorder(...,
 capture_contributions=True)``) gives, per query, layer and clip, ``||g_mha * a|| / ||V||`` and
-``||g_ffn * ffn1(norm2 z)|| / ||z||``; ``ContributionWriter`` streams them with the raw gate into
+``||g_ffn * ffn1(norm2 z)|| / ||z||`` (v2 FiLM: ``(1 + g_ffn)`` and ``||g_beta|| / ||z||`` for the
+shift); ``ContributionWriter`` streams them with the raw gate into
 ``gate_contributions.csv`` during the main pass (resumable with the run).
 """
 import contextlib
@@ -44,6 +50,7 @@ from qd_detr.eval import per_query_metrics
 from qd_detr.inference import evaluate, predict
 from qd_detr.postprocess import write_jsonl
 
+from .ranges import DEFAULT_KINDS
 from .store import GATE_KINDS, atomic_write_csv, gate_name
 
 __all__ = ["Intervention", "parse_interventions", "GATE_VALUES", "AUDIO_INTERVENTIONS", "clamp_gates",
@@ -54,7 +61,8 @@ __all__ = ["Intervention", "parse_interventions", "GATE_VALUES", "AUDIO_INTERVEN
 
 GATE_VALUES = {"zero": 0.0, "one": 1.0, "minus_one": -1.0, "mean": None}
 AUDIO_INTERVENTIONS = ("audio_zero", "audio_swap")
-GATE_SELECTIONS = {"mha": ("mha",), "ffn": ("ffn",), "both": ("mha", "ffn")}
+#: --ablate_gates items -> gate kinds; "all": every kind of the model (v1: as "both"; v2 FiLM: with beta)
+GATE_SELECTIONS = {"mha": ("mha",), "ffn": ("ffn",), "beta": ("beta",), "both": ("mha", "ffn"), "all": None}
 #: per-query metrics of ``qd_detr.eval.per_query_metrics`` compared per intervention
 QUERY_METRICS = ("top1_iou", "r1_05", "r1_07", "mr_ap", "hl_hit1_verygood", "hl_ap_verygood")
 #: official brief metrics compared in ablation_overall.csv
@@ -71,7 +79,7 @@ _INTERVENTION_DOC = {
     "value": "zero | one | minus_one | mean (gates; mean = the gate's dataset mean from the main pass) or "
              "audio_zero | audio_swap.",
     "layers": "Clamped fusion layers: 'all' or one layer index ('' for audio interventions).",
-    "gates": "Clamped gates: 'mha', 'ffn' or 'mha+ffn' ('' for audio interventions).",
+    "gates": "Clamped gates: 'mha', 'ffn', 'beta', 'mha+ffn' or 'mha+ffn+beta' ('' for audio interventions).",
 }
 _METRIC_DOC = {
     "top1_iou": "IoU of the top-1 predicted window with its best GT window (official R1 definition)",
@@ -122,8 +130,9 @@ CSV_COLUMNS = {
         "qid": "QVHighlights query id.",
         "vid": "Video id of the query.",
         "layer": "Fusion layer index (0-based).",
-        "gate": "'mha' (audio branch: contribution ||g_mha * a|| / ||V||) or 'ffn' (FFN branch: "
-                "||g_ffn * ffn1(norm2 z)|| / ||z||).",
+        "gate": "'mha' (audio branch: contribution ||g_mha * a|| / ||V||), 'ffn' (FFN branch: "
+                "||g_ffn * ffn1(norm2 z)|| / ||z||; v2 FiLM: (1 + g_ffn) instead of g_ffn) or 'beta' (v2 FiLM "
+                "shift: ||g_beta|| / ||z||).",
         "name": "Dotted gate name 'layers.{layer}.gate_{gate}'.",
         "clip": "Clip index t (0-based; valid clips only).",
         "n_clips": "Valid clips T of the query.",
@@ -145,10 +154,12 @@ PLOT_FILES = {
 # -- interventions --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Intervention:
-    """One intervention. ``layers``: tuple of layer indices (None = all); ``gates``: kinds clamped."""
+    """One intervention. ``layers``: tuple of layer indices (None = all); ``gates``: kinds clamped;
+    ``model_kinds``: the gate kinds the model has (they decide whether clamping to zero removes audio)."""
     value: str
     layers: tuple = None
-    gates: tuple = GATE_KINDS
+    gates: tuple = DEFAULT_KINDS
+    model_kinds: tuple = DEFAULT_KINDS
 
     @property
     def target(self):
@@ -166,7 +177,9 @@ class Intervention:
 
     @property
     def gates_token(self):
-        return "both" if set(self.gates) == set(GATE_KINDS) else "+".join(self.gates)
+        if set(self.gates) == set(DEFAULT_KINDS):
+            return "both"
+        return "all" if set(self.gates) == set(GATE_KINDS) else "+".join(self.gates)
 
     @property
     def name(self):
@@ -178,18 +191,20 @@ class Intervention:
     def audio_off(self):
         """True when the intervention removes audio (so ablated - baseline < 0 means audio helped)."""
         return self.value in AUDIO_INTERVENTIONS or (self.value == "zero" and self.layers is None
-                                                      and set(self.gates) == set(GATE_KINDS))
+                                                      and set(self.gates) == set(self.model_kinds))
 
     def describe(self):
         return {"intervention": self.name, "target": self.target, "value": self.value,
                 "layers": self.layers_label, "gates": self.gates_label}
 
 
-def parse_interventions(values, layer_specs=("all",), gate_specs=("both",), num_layers=None):
+def parse_interventions(values, layer_specs=("all",), gate_specs=("both",), num_layers=None, kinds=DEFAULT_KINDS):
     """Interventions for ``--ablate VALUES --ablate_layers LAYER_SPECS --ablate_gates GATE_SPECS``.
 
-    Gate values expand over every layer spec x gate spec; audio interventions appear once. Raises
-    ConfigError for unknown names or layer indices outside ``0..num_layers-1``."""
+    Gate values expand over every layer spec x gate spec; audio interventions appear once. ``kinds``:
+    the model's gate kinds. Raises ConfigError for unknown names, layer indices outside
+    ``0..num_layers-1`` and gate kinds the model does not have."""
+    kinds = tuple(kinds)
     values, layer_specs, gate_specs = list(values or []), list(layer_specs or ["all"]), list(gate_specs or ["both"])
     known = list(GATE_VALUES) + list(AUDIO_INTERVENTIONS)
     for v in values:
@@ -210,15 +225,19 @@ def parse_interventions(values, layer_specs=("all",), gate_specs=("both",), num_
         layer_sel.append((layer,))
     for spec in gate_specs:
         if spec not in GATE_SELECTIONS:
-            raise ConfigError(f"--ablate_gates: expected mha, ffn or both, got {spec!r}")
+            raise ConfigError(f"--ablate_gates: expected {', '.join(GATE_SELECTIONS)}, got {spec!r}")
+        missing = [k for k in (GATE_SELECTIONS[spec] or ()) if k not in kinds]
+        if missing:
+            raise ConfigError(f"--ablate_gates {spec}: the model has no {', '.join(missing)} gate "
+                              f"(its gates: {', '.join(kinds)})")
     out = []
     for v in dict.fromkeys(values):
         if v in AUDIO_INTERVENTIONS:
-            out.append(Intervention(v))
+            out.append(Intervention(v, model_kinds=kinds))
             continue
         for layers in dict.fromkeys(layer_sel):
             for spec in dict.fromkeys(gate_specs):
-                out.append(Intervention(v, layers, GATE_SELECTIONS[spec]))
+                out.append(Intervention(v, layers, GATE_SELECTIONS[spec] or kinds, model_kinds=kinds))
     return list(dict.fromkeys(out))
 
 
@@ -239,9 +258,11 @@ def clamp_gates(fusion, values):
     """Within the block, every forward uses fixed gates.
 
     ``values``: ``{(layer, kind): float or tensor broadcastable to the gate}`` (e.g. a (D,) per-dim mean
-    for elementwise gates). Hooks are prepended, so a ``GateRecorder`` attached to the same model
-    records the clamped (effective) gates. On exit every hook is removed: the model is exactly as
-    before (no parameter, buffer or attribute is changed)."""
+    for elementwise gates); kinds ``mha``, ``ffn`` and, for v2 FiLM layers, ``beta`` (a value strictly
+    inside its range (-|ffn_beta|, |ffn_beta|): it is set through the raw output of ``mlp_ffn_beta``).
+    Hooks are prepended, so a ``GateRecorder`` attached to the same model records the clamped
+    (effective) gates. On exit every hook is removed: the model is exactly as before (no parameter,
+    buffer or attribute is changed)."""
     by_layer = {}
     for (layer, kind), v in values.items():
         if kind not in GATE_KINDS:
@@ -250,6 +271,8 @@ def clamp_gates(fusion, values):
             raise ValueError(f"layer {layer} does not exist (fusion has {len(fusion.fusion_layers)} layers)")
         if isinstance(v, np.ndarray):
             v = torch.from_numpy(np.asarray(v, dtype=np.float32))
+        if kind == "beta":
+            v = _raw_beta(fusion.fusion_layers[layer].gating_function, layer, v)
         by_layer.setdefault(layer, {})[kind] = v
 
     def make_hook(fixed):
@@ -259,15 +282,36 @@ def clamp_gates(fusion, values):
                     _replace(g_ffn, fixed["ffn"]) if "ffn" in fixed else g_ffn)
         return hook
 
+    def beta_hook(raw):
+        def hook(module, args, output):
+            return _replace(output, raw)
+        return hook
+
     handles = []
     try:
         for layer, fixed in sorted(by_layer.items()):
             gf = fusion.fusion_layers[layer].gating_function
-            handles.append(gf.register_forward_hook(make_hook(fixed), prepend=True))
+            if "mha" in fixed or "ffn" in fixed:
+                handles.append(gf.register_forward_hook(make_hook(fixed), prepend=True))
+            if "beta" in fixed:
+                handles.append(gf.mlp_ffn_beta.register_forward_hook(beta_hook(fixed["beta"]), prepend=True))
         yield fusion
     finally:
         for h in handles:
             h.remove()
+
+
+def _raw_beta(gating_function, layer, value):
+    """The raw ``mlp_ffn_beta`` output whose FiLM shift ``tanh(raw) * ffn_beta`` equals ``value``."""
+    if not (getattr(gating_function, "ffn_film", False) and hasattr(gating_function, "mlp_ffn_beta")):
+        raise ValueError(f"{gate_name(layer, 'beta')}: layer {layer} has no FiLM shift (not a v2 FiLM layer)")
+    scale = float(gating_function.ffn_beta.detach())
+    v = torch.as_tensor(value, dtype=torch.float64)
+    ratio = v / scale if scale != 0 else torch.where(v == 0, 0.0, torch.inf)
+    if not bool((ratio.abs() < 1).all()):
+        raise ConfigError(f"{gate_name(layer, 'beta')} can only be set inside its range (-{abs(scale):.4g}, "
+                          f"{abs(scale):.4g}) (tanh(raw) * ffn_beta); got {value}")
+    return torch.atanh(ratio).to(torch.float32)
 
 
 def dataset_mean_gates(acc):
@@ -576,8 +620,9 @@ def contribution_summary(contrib):
 
 
 # -- plots ----------------------------------------------------------------------------------------
-def plot_ablation(per_query, overall, output_dir, max_queries=60, max_panels=10):
-    """Figures of ``PLOT_FILES`` for the ablation results; returns the written paths."""
+def plot_ablation(per_query, overall, output_dir, max_queries=60, max_panels=10, kinds=DEFAULT_KINDS):
+    """Figures of ``PLOT_FILES`` for the ablation results; returns the written paths. ``kinds``: the
+    model's gate kinds (a clamp to zero removes audio only when it covers all of them)."""
     from . import plots as P
     plt = P.plt
     out = os.path.join(output_dir, "plots")
@@ -618,7 +663,7 @@ def plot_ablation(per_query, overall, output_dir, max_queries=60, max_panels=10)
     metric = "top1_iou" if per_query["delta_top1_iou"].notna().any() else None
     col = f"delta_{metric}" if metric else "saliency_mean_abs_change"
     first = per_query.drop_duplicates("intervention").set_index("intervention")
-    off = {n: _is_audio_off(first.loc[n]) for n in names}
+    off = {n: _is_audio_off(first.loc[n], kinds) for n in names}
     shown = sorted(names, key=lambda n: not off[n])[:max_panels]
     ncol = min(2, len(shown))
     nrow = math.ceil(len(shown) / ncol)
@@ -668,15 +713,17 @@ def plot_ablation(per_query, overall, output_dir, max_queries=60, max_panels=10)
     return paths
 
 
-def _is_audio_off(row):
-    """An ablation.csv row's intervention removes audio (audio_zero/audio_swap or zero@all:both)."""
+def _is_audio_off(row, kinds=DEFAULT_KINDS):
+    """An ablation.csv row's intervention removes audio (audio_zero/audio_swap, or zero on every gate kind
+    ``kinds`` of the model in all layers: zero@all:both, with v2 FiLM zero@all:all)."""
     return row["value"] in AUDIO_INTERVENTIONS or (row["value"] == "zero" and str(row["layers"]) == "all"
-                                                   and set(str(row["gates"]).split("+")) == set(GATE_KINDS))
+                                                   and set(str(row["gates"]).split("+")) == set(kinds))
 
 
-def plot_contributions(contrib, output_dir, max_points=4000, value_range=(-1.0, 1.0)):
-    """Raw gate vs effective contribution per clip (one panel per layer x gate), and the contribution
-    per layer; returns the written paths."""
+def plot_contributions(contrib, output_dir, max_points=4000, value_range=None, gate_ranges=None):
+    """Raw gate vs effective contribution per clip (one panel per layer x gate; x axis and colours: the
+    gate's declared range from ``gate_ranges``, or ``value_range``), and the contribution per layer;
+    returns the written paths."""
     from . import plots as P
     plt = P.plt
     out = os.path.join(output_dir, "plots")
@@ -685,17 +732,18 @@ def plot_contributions(contrib, output_dir, max_points=4000, value_range=(-1.0, 
     kinds = [k for k in GATE_KINDS if k in set(contrib["gate"])]
     fig, axes = plt.subplots(len(kinds), len(layers), figsize=(3.4 * len(layers) + 1.5, 3.2 * len(kinds) + 0.8),
                              layout=P.LAYOUT, squeeze=False, sharey="row")
-    cmap, norm, _ = P._cmap_norm(value_range)
     for i, kind in enumerate(kinds):
         for j, layer in enumerate(layers):
             ax = axes[i, j]
+            sc = P._scale(value_range, kind, gate_ranges, layer)
+            cmap, norm, _ = P._cmap_norm(sc)
             sel = contrib[(contrib["layer"] == layer) & (contrib["gate"] == kind)]
             idx = P._subsample(len(sel), max_points)
             x = sel["gate_value"].to_numpy(float)[idx]
             y = sel["contribution"].to_numpy(float)[idx]
             ax.scatter(x, y, s=5, c=x, cmap=cmap, norm=norm, alpha=0.6, edgecolors="none")
-            P._value_lim(ax, value_range, x, axis="x")
-            P._zero_line(ax, value_range, axis="x")
+            P._value_lim(ax, sc, x, axis="x")
+            P._zero_line(ax, sc, axis="x")
             med = float(np.nanmedian(sel["contribution"])) if len(sel) else float("nan")
             ax.set_title(f"{gate_name(layer, kind)}\nmedian contribution {med:.3g}", fontsize=9, loc="left")
             ax.set_xlabel("raw gate value")
@@ -710,9 +758,10 @@ def plot_contributions(contrib, output_dir, max_points=4000, value_range=(-1.0, 
     fig, ax = plt.subplots(figsize=(6.5, 4), layout=P.LAYOUT)
     for k, kind in enumerate(kinds):
         s = summ[summ["gate"] == kind]
-        x = s["layer"].to_numpy(float) + (k - 0.5) * 0.15
+        x = s["layer"].to_numpy(float) + (k - (len(kinds) - 1) / 2) * 0.15
         ax.errorbar(x, s["median"], yerr=[s["median"] - s["p25"], s["p75"] - s["median"]], fmt="o-",
-                    color=P.KIND_COLOR.get(kind), label=P.KIND_LABEL.get(kind, kind), capsize=3)
+                    color=P.KIND_COLOR.get(kind), label=P._kind_short(kind, P._scale(None, kind, gate_ranges).rng),
+                    capsize=3)
     ax.set_xticks(layers)
     ax.set_xlabel("fusion layer")
     ax.set_ylabel("effective contribution (median, IQR over clips)")

@@ -24,6 +24,7 @@ import pandas as pd
 from qd_detr.errors import ConfigError, DataError
 from qd_detr.postprocess import write_json
 
+from .ranges import ranges_from_meta
 from .store import GATE_KINDS, atomic_write_csv, gate_name, load_gate_run
 
 __all__ = ["load_run_summary", "compare_runs", "write_compare", "plot_compare", "run_compare_job", "CSV_COLUMNS",
@@ -34,7 +35,7 @@ BRIEF_KEYS = ("MR-full-mAP", "MR-full-R1@0.5", "MR-full-R1@0.7", "HL-min-VeryGoo
 _RUN = {"run": "Run index in the order given (0 = the first, the reference for differences).",
         "run_label": "Run label: the folder name (parent/name when names repeat)."}
 _ID = {"layer": "Fusion layer index ('all': the query's mean over its layers).",
-       "gate": "Gate kind: 'mha' (audio branch) or 'ffn' (FFN branch).",
+       "gate": "Gate kind: 'mha' (audio branch), 'ffn' (FFN branch) or 'beta' (v2 FiLM shift).",
        "name": "Dotted gate name 'layers.{layer}.gate_{gate}'."}
 
 CSV_COLUMNS = {
@@ -83,9 +84,18 @@ def _read_json(path):
         raise DataError(f"{path}: not valid JSON ({exc})") from None
 
 
+def run_gate_ranges(run_dir, manifest=None):
+    """{gate name: GateRange} declared by a run (run.json, else gates/meta.json); {} when it records none
+    (gates of such a run are tanh [-1, 1])."""
+    if manifest is None:
+        manifest = _read_json(os.path.join(os.fspath(run_dir), "run.json")) or {}
+    return ranges_from_meta(manifest) or ranges_from_meta(_read_json(os.path.join(os.fspath(run_dir), "gates",
+                                                                                   "meta.json")))
+
+
 def load_run_summary(run_dir, manifest=None):
-    """{path, manifest, gating_type, per_query} of an analysis output folder; DataError if it has no gates.
-    ``manifest`` replaces the folder's run.json (e.g. for the run still being written)."""
+    """{path, manifest, gating_type, per_query, gate_ranges} of an analysis output folder; DataError if it has
+    no gates. ``manifest`` replaces the folder's run.json (e.g. for the run still being written)."""
     path = os.path.abspath(os.fspath(run_dir))
     if not os.path.isdir(path):
         raise DataError(f"{path}: run folder not found")
@@ -109,7 +119,8 @@ def load_run_summary(run_dir, manifest=None):
         meta = _read_json(os.path.join(path, "gates", "meta.json")) or {}
         gating_type = meta.get("gating_type", "")
     pq = pq.astype({"qid": np.int64, "layer": np.int64, "gate": str})
-    return {"path": path, "manifest": manifest, "gating_type": gating_type or "", "per_query": pq}
+    return {"path": path, "manifest": manifest, "gating_type": gating_type or "", "per_query": pq,
+            "gate_ranges": run_gate_ranges(path, manifest)}
 
 
 def _labels(paths):
@@ -184,10 +195,15 @@ def write_compare(output_dir, runs, layers, queries):
     return paths
 
 
-def plot_compare(runs, layers, queries, output_dir, max_queries=80):
-    """Per-layer mean ± spread across runs, and per-query differences vs the first run; returns paths."""
+def plot_compare(runs, layers, queries, output_dir, max_queries=80, gate_ranges=None):
+    """Per-layer mean ± spread across runs, and per-query differences vs the first run; returns paths.
+    Gate axes and colours cover every run's declared ranges (``gate_ranges``: one {gate name: GateRange}
+    per run; default: read from the runs' folders; tanh [-1, 1] for runs that declare none)."""
     from . import plots as P
     plt = P.plt
+    if gate_ranges is None:
+        gate_ranges = [run_gate_ranges(path) if os.path.isdir(str(path)) else {} for path in runs["path"]]
+    per_run = [g or None for g in gate_ranges] or [None]
     out = os.path.join(output_dir, "plots")
     os.makedirs(out, exist_ok=True)
     kinds = [k for k in GATE_KINDS if (layers["gate"] == k).any()]
@@ -205,10 +221,11 @@ def plot_compare(runs, layers, queries, output_dir, max_queries=80):
             axes[0, j].fill_between(x, s["p25"], s["p75"], color=color, alpha=0.15)
             axes[1, j].plot(x, s["std"], "o-", color=color, label=f"layer {layer}: across queries")
             axes[1, j].plot(x, s["mean_within_std"], "x:", color=color)
-        axes[0, j].set_ylim(-1.05, 1.05)
-        axes[0, j].axhline(0, color="0.3", lw=0.7)
+        sc = P._union_scale([P._scale(None, kind, g) for g in per_run])
+        P._value_lim(axes[0, j], sc, layers.loc[layers["gate"] == kind, ["p25", "p75", "mean"]].to_numpy())
+        P._zero_line(axes[0, j], sc, axis="y")
         axes[0, j].set_ylabel("mean of per-query mean gate\n(band: IQR over queries)")
-        axes[0, j].set_title(P.KIND_LABEL.get(kind, kind), fontsize=10, loc="left")
+        axes[0, j].set_title(P._kind_label(kind, sc.rng), fontsize=10, loc="left")
         axes[0, j].legend(fontsize=7)
         axes[1, j].set_ylim(bottom=0)
         axes[1, j].set_ylabel("spread: std across queries (o)\nmean std within a query (x)")
@@ -222,8 +239,9 @@ def plot_compare(runs, layers, queries, output_dir, max_queries=80):
         fig, axes = plt.subplots(1, len(kinds), figsize=(max(5, 0.9 * len(x) + 3.5) * len(kinds),
                                                          P._heatmap_height(min(allq["qid"].nunique(), max_queries))),
                                  layout=P.LAYOUT, squeeze=False)
-        cmap_g, norm, _ = P._cmap_norm((-1.0, 1.0))
         for ax, kind in zip(axes[0], kinds):
+            sc = P._union_scale([P._scale(None, kind, g) for g in per_run])
+            cmap_g, norm, _ = P._cmap_norm(sc)
             mat = allq[allq["gate"] == kind].pivot_table(index="qid", columns="run", values="mean", sort=False)
             if len(mat) > max_queries:
                 mat = mat.iloc[P._subsample(len(mat), max_queries)]
@@ -234,7 +252,7 @@ def plot_compare(runs, layers, queries, output_dir, max_queries=80):
             d = allq[(allq["gate"] == kind) & (allq["run"] == allq["run"].max())]["diff_vs_first"]
             ax.set_title(f"{gate_name(ALL, kind)} per query\nlast vs first run: mean |diff| {d.abs().mean():.3f}",
                          fontsize=9, loc="left")
-            P._colorbar(fig, im, ax, (-1.0, 1.0), "query mean gate")
+            P._colorbar(fig, im, ax, sc, "query mean gate")
         fig.suptitle(f"Per-query mean gate in each run ({allq['qid'].nunique()} queries present in all runs)",
                      fontsize=11)
         paths.append(P._save(fig, os.path.join(out, PLOT_FILES["queries"])))

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from .ranges import DEFAULT_KINDS
 from .store import GATE_KINDS, PER_CLIP_GATING_TYPES, atomic_write_csv, gate_name
 
 __all__ = ["auroc", "midranks", "clip_labels", "query_ground_truth", "ground_truth_tables",
@@ -35,7 +36,7 @@ __all__ = ["auroc", "midranks", "clip_labels", "query_ground_truth", "ground_tru
 
 MEASURES = ("gate", "contribution")
 _ID = {"layer": "Fusion layer index (0-based).",
-       "gate": "Gate kind: 'mha' (audio branch) or 'ffn' (FFN branch).",
+       "gate": "Gate kind: 'mha' (audio branch), 'ffn' (FFN branch) or 'beta' (v2 FiLM shift).",
        "name": "Dotted gate name 'layers.{layer}.gate_{gate}'.",
        "measure": "'gate': the gate value per clip (elementwise: mean over dims); 'contribution': the "
                   "effective contribution ||g * branch|| / ||residual|| per clip (runs with --contributions)."}
@@ -234,7 +235,7 @@ class GroundTruthAccumulator:
     ``records``: JSONL records (only labelled ones are used); ``gating_type``, ``layers``, ``kinds``:
     those of the gate run (layers and kinds default to the keys of the first query added)."""
 
-    def __init__(self, records, gating_type=None, layers=(), kinds=GATE_KINDS):
+    def __init__(self, records, gating_type=None, layers=(), kinds=DEFAULT_KINDS):
         self.labelled = {r["qid"]: r for r in records if r.get("relevant_clip_ids")}
         self.gating_type = gating_type
         self.layers, self.kinds = list(layers), tuple(kinds)
@@ -375,7 +376,7 @@ class GroundTruthAccumulator:
 
 def _accumulate(records, gate_run=None, contributions=None):
     acc = GroundTruthAccumulator(records, getattr(gate_run, "gating_type", None),
-                                 getattr(gate_run, "layers", ()), tuple(getattr(gate_run, "kinds", GATE_KINDS)))
+                                 getattr(gate_run, "layers", ()), tuple(getattr(gate_run, "kinds", DEFAULT_KINDS)))
     if gate_run is not None:
         for qid in gate_run.qids:
             if acc.wants(qid):
@@ -412,11 +413,14 @@ def write_ground_truth(records, output_dir, gate_run=None, contributions=None):
 
 # -- plots ----------------------------------------------------------------------------------------
 def plot_ground_truth(per_query, overall, output_dir, records=None, gate_run=None, contributions=None,
-                      n_examples=4, across=None):
+                      n_examples=4, across=None, gate_ranges=None):
     """Figures of ``PLOT_FILES`` (those that apply); returns the written paths. ``across``: the
     accumulator's ``across_queries()`` when at hand (else computed from records, gate run, contributions);
-    ``n_examples=0`` leaves out the examples figure (``plot_examples``)."""
+    ``n_examples=0`` leaves out the examples figure (``plot_examples``). Gate axes follow the declared
+    ``gate_ranges`` (default: the gate run's; tanh [-1, 1] without either)."""
     from . import plots as P
+    if gate_ranges is None:
+        gate_ranges = getattr(gate_run, "gate_ranges", None)
     plt = P.plt
     out = os.path.join(output_dir, "plots")
     os.makedirs(out, exist_ok=True)
@@ -424,11 +428,13 @@ def plot_ground_truth(per_query, overall, output_dir, records=None, gate_run=Non
     measures = [m for m in MEASURES if len(per_query) and (per_query["measure"] == m).any()]
     if measures:
         paths.append(_plot_distributions(P, plt, per_query, measures, os.path.join(out, PLOT_FILES["distributions"])))
-        paths.append(_plot_inside_outside(P, plt, per_query, measures, os.path.join(out, PLOT_FILES["inside_outside"])))
+        paths.append(_plot_inside_outside(P, plt, per_query, measures, os.path.join(out, PLOT_FILES["inside_outside"]),
+                                          gate_ranges))
     if across is None and records is not None and (gate_run is not None or contributions is not None):
         across = _accumulate(records, gate_run, contributions).across_queries()
     if across is not None:
-        paths.append(_plot_across_queries(P, plt, across, os.path.join(out, PLOT_FILES["across_queries"])))
+        paths.append(_plot_across_queries(P, plt, across, os.path.join(out, PLOT_FILES["across_queries"]),
+                                          gate_ranges))
     if n_examples and records is not None and gate_run is not None:
         paths += plot_examples(records, gate_run, output_dir, n_examples)
     return paths
@@ -492,7 +498,7 @@ def _plot_distributions(P, plt, per_query, measures, path):
     return P._save(fig, path)
 
 
-def _plot_inside_outside(P, plt, per_query, measures, path):
+def _plot_inside_outside(P, plt, per_query, measures, path, gate_ranges=None):
     keys = _positions(per_query)
     layers = sorted({l for l, _ in keys})
     kinds = [k for k in GATE_KINDS if any(kk == k for _, kk in keys)]
@@ -508,8 +514,12 @@ def _plot_inside_outside(P, plt, per_query, measures, path):
                 sel = pq[(pq["layer"] == layer) & (pq["gate"] == kind)]
                 x, y = sel["mean_outside"].to_numpy(float), sel["mean_inside"].to_numpy(float)
                 ax.scatter(x, y, s=12, color=P.KIND_COLOR.get(kind, "tab:gray"), alpha=0.7)
-                if measure == "gate":
-                    lo, hi = -1.02, 1.02
+                if measure == "gate":  # the gate's declared range (2% margin), widened to the data
+                    sc = P._scale(None, kind, gate_ranges, layer)
+                    both = np.concatenate([x, y])
+                    both = both[np.isfinite(both)]
+                    lo, hi = (min(sc.lo, both.min()), max(sc.hi, both.max())) if both.size else (sc.lo, sc.hi)
+                    lo, hi = lo - 0.02 * (hi - lo), hi + 0.02 * (hi - lo)
                 else:
                     both = np.concatenate([x, y])
                     both = both[np.isfinite(both)]
@@ -525,12 +535,12 @@ def _plot_inside_outside(P, plt, per_query, measures, path):
                 if j == 0:
                     ax.set_ylabel("mean inside windows")
             r += 1
-    fig.suptitle("Per-query mean inside vs outside the relevant windows (above the diagonal: higher inside)",
+    fig.suptitle("Per-query mean inside vs outside the relevant windows\n(above the diagonal: higher inside)",
                  fontsize=11)
     return P._save(fig, path)
 
 
-def _plot_across_queries(P, plt, df, path):
+def _plot_across_queries(P, plt, df, path, gate_ranges=None):
     """``df``: ``GroundTruthAccumulator.across_queries()``."""
     measures = [m for m in MEASURES if (df["measure"] == m).any()]
     kinds = [k for k in GATE_KINDS if (df["gate"] == k).any()]
@@ -546,12 +556,13 @@ def _plot_across_queries(P, plt, df, path):
                 rho, _, n = _spearman(sel["frac"], sel["mean"])
                 ax.scatter(sel["frac"], sel["mean"], s=14, alpha=0.75, color=_layer_color(c),
                            label=f"layer {layer} (rho {rho:+.2f}, n={n})")
+            sc = P._scale(None, kind, gate_ranges)
             if measure == "gate":
-                P._value_lim(ax, (-1.0, 1.0), df.loc[df["measure"] == "gate", "mean"])
-                ax.axhline(0, color="0.3", lw=0.8)
+                P._value_lim(ax, sc, df.loc[(df["measure"] == "gate") & (df["gate"] == kind), "mean"])
+                P._zero_line(ax, sc, axis="y")
             ax.set_xlabel("fraction of the video's clips that are relevant")
             ax.set_ylabel(f"query mean {measure}")
-            ax.set_title(f"{measure}: {P.KIND_LABEL.get(kind, kind)}", fontsize=10, loc="left")
+            ax.set_title(f"{measure}: {P._kind_label(kind, sc.rng)}", fontsize=10, loc="left")
             ax.legend(fontsize=7)
     fig.suptitle("Across queries: mean gate / contribution vs how much of the video is relevant", fontsize=11)
     return P._save(fig, path)
@@ -564,6 +575,7 @@ def _plot_examples(P, plt, records, gate_run, n_examples, path):
         return None
     chosen = [candidates[i] for i in P._subsample(len(candidates), n_examples)]
     kinds = list(gate_run.kinds)
+    gate_ranges = getattr(gate_run, "gate_ranges", None)
     fig, axes = plt.subplots(len(chosen), len(kinds), figsize=(6.2 * len(kinds), 2.5 * len(chosen) + 0.8),
                              layout=P.LAYOUT, squeeze=False)
     for i, qid in enumerate(chosen):
@@ -579,10 +591,12 @@ def _plot_examples(P, plt, records, gate_run, n_examples, path):
             inside, sal = clip_labels(labelled[qid], t)
             edges = np.diff(np.concatenate([[0], inside.astype(np.int8), [0]]))
             starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)  # runs of relevant clips
-            ax.broken_barh([(a - 0.5, b - a) for a, b in zip(starts, ends)], (-1.05, 2.1), color="0.85", lw=0,
+            sc = P._scale(None, kind, gate_ranges)
+            P._value_lim(ax, sc, np.concatenate([_per_clip(gates[(layer, kind)]) for layer in gate_run.layers]))
+            lo, hi = ax.get_ylim()
+            ax.broken_barh([(a - 0.5, b - a) for a, b in zip(starts, ends)], (lo, hi - lo), color="0.85", lw=0,
                            zorder=0)
-            ax.set_ylim(-1.05, 1.05)
-            ax.axhline(0, color="0.3", lw=0.6)
+            P._zero_line(ax, sc, axis="y")
             ax.set_xlim(-0.5, t - 0.5)
             tw = ax.twinx()
             tw.plot(np.arange(t), sal, color="tab:red", lw=0.9, ls=":", label="saliency")

@@ -36,9 +36,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qd_detr.checkpoint import (KEY_RENAMES, infer_options, describe_state_dict, load_checkpoint,
-                                normalize_state_dict, read_checkpoint, split_checkpoint, strict_load)
-from qd_detr.config import GATING_TYPES, fusion_layout, make_options, options_from_opt_json
+from qd_detr.checkpoint import (
+    KEY_RENAMES,
+    describe_state_dict,
+    infer_options,
+    load_checkpoint,
+    normalize_state_dict,
+    read_checkpoint,
+    split_checkpoint,
+    strict_load,
+)
+from qd_detr.config import FUSION_VARIANTS, GATING_TYPES, fusion_layout, make_options, options_from_opt_json
 from qd_detr.errors import CheckpointError, ConfigError, DataError, ToolkitError
 from qd_detr.gates import fusion_gate_kinds
 from qd_detr.model import BATCHING_MODES, NoFusionError
@@ -76,7 +84,8 @@ def exit_code_for(exc):
 FUSION_SCOPE_PREFIX = "fusion."
 
 LAYOUT_DESCRIPTIONS = {
-    "custom": "AVIGATEFusionCustom (avigate_custom branch and its gate-analysis descendants)",
+    "custom": "AVIGATEFusionCustom (avigate_custom branch, its gate-analysis descendants, the v2 gate "
+              "refinement and diagstrip-ssm branches)",
     "avigate": "the older AVIGATEFusion (avigate branch: own projections, cross-attention, global gates)",
     "concat": "audio concatenated to video, no fusion module",
     "video_only": "video only, no audio and no fusion module",
@@ -106,6 +115,10 @@ KEY_TABLE = tuple((group, layouts, re.compile(pattern)) for group, layouts, patt
     ("older fusion cross-attention", ("avigate",), _LAYER + r"cross_attention" + _MHA),
     ("fusion blocks", ("custom", "avigate"), _LAYER + r"(gating_function\.mlp_(mha|ffn)\.[02]" + _WB
      + r"|(ffn[12]\.[02]|norm[1-4])" + _WB + r"|self_attention" + _MHA + ")"),
+    ("v2 gate refinement", ("custom",), _LAYER + r"(gating_function\.(mha_bias|mha_scale|ffn_alpha|ffn_beta)"
+     r"|gating_function\.mlp_ffn_beta\.[02]" + _WB + r"|delta_norm_(mha|ffn)" + _WB + ")"),
+    ("diagstrip SSM gate", ("custom",), _LAYER + r"gating_function\.ssm_gate\.(encoder\.net\.\d+|norm"
+     r"|mlp_(mha|ffn)\.[02])" + _WB),
 ))
 
 
@@ -359,7 +372,9 @@ def _check_gate_records(history, ids, lengths, gating_type, num_layers, hidden, 
     layers = []
     for layer in range(num_layers):
         raw = raw_outputs.get(layer)
-        for k, kind in enumerate(("mha", "ffn")):  # the gating function's own outputs
+        first = history.get(ids[0])
+        kinds = ("mha", "ffn") + (("beta",) if first is not None and (layer, "beta") in first.gates else ())
+        for k, kind in enumerate(kinds):  # mha, ffn: the gating function's outputs; beta: the FiLM shift
             shapes = []
             for sid, n in zip(ids, lengths):
                 rec = history.get(sid)
@@ -367,7 +382,7 @@ def _check_gate_records(history, ids, lengths, gating_type, num_layers, hidden, 
                     raise IncompatibleModelError(f"gate tracking recorded nothing for layer {layer} {kind} "
                                                  f"of probe sample {sid}")
                 g = rec.gates[(layer, kind)]
-                want = {"global": (1,), "clipwise": (n,), "elementwise": (n, hidden)}[gating_type]
+                want = (n,) if gating_type == "clipwise" else (n, hidden) if gating_type == "elementwise" else (1,)
                 if tuple(g.shape) != want or rec.n_clips != n:
                     raise IncompatibleModelError(
                         f"layer {layer} {kind}: recorded gate of shape {tuple(g.shape)} for {n} valid clips; "
@@ -376,7 +391,8 @@ def _check_gate_records(history, ids, lengths, gating_type, num_layers, hidden, 
                     raise IncompatibleModelError(f"layer {layer} {kind}: non-finite gate values on the probe")
                 shapes.append(list(g.shape))
             layers.append({"layer": layer, "kind": kind,
-                           "module_output_shape": _shape(raw[k]) if raw is not None else None,
+                           "module_output_shape": (_shape(raw[k]) if raw is not None and k < len(raw) else
+                                                   "FiLM shift, computed in the block"),
                            "recorded_shapes": shapes})
     return layers
 
@@ -522,7 +538,8 @@ def _adapt_loaded(contents, model, opt, report, t0):
 
 
 def _per_sample_shape(gating_type):
-    return {"global": "(1,) one gate per query", "clipwise": "(T,) one gate per valid clip",
+    return {"global": "(1,) one gate per query", "global_diagstrip_ssm": "(1,) one gate per query",
+            "clipwise": "(T,) one gate per valid clip",
             "elementwise": "(T, hidden) one gate per valid clip and feature"}[gating_type]
 
 
@@ -597,8 +614,12 @@ def _heads(module):
     return getattr(module, "num_heads", None) if isinstance(module, nn.MultiheadAttention) else None
 
 
-def _module_config(user, fusion, layout, sd):
-    """Options the user's modules state through attributes (what shapes cannot tell)."""
+def _module_config(user, fusion, layout, sd, options=None):
+    """Options the user's modules state through attributes (what shapes cannot tell).
+
+    ``options``: values given by the caller; they fill what no attribute holds and must agree with
+    what one does. Returns ({option: value}, {option: source}).
+    """
     given, where = {}, {}
 
     def put(key, value, source):
@@ -629,7 +650,116 @@ def _module_config(user, fusion, layout, sd):
         if heads is not None and heads != 8:
             raise IncompatibleModelError(f"the older AVIGATEFusion layout has 8 attention heads; this module "
                                          f"has {heads}")
+    if layout == "custom":
+        values, sources = _gate_config(fusion, sd, options or {})
+        given.update(values)
+        where.update(sources)
+    for key, value in (options or {}).items():
+        if key in given and given[key] != value:
+            raise ConfigError(f"option {key}={value!r} was given but the module has {key}={given[key]!r} "
+                              f"({where[key]})")
+        if key not in given:
+            given[key], where[key] = value, "given (options)"
     return given, where
+
+
+def _layer_value(fusion, path, attr):
+    """``attr`` of the module at ``path`` (child names) in every fusion layer: (value, source) or (None, None).
+
+    Our rebuild uses one value for all layers, so layers that disagree are an IncompatibleModelError.
+    """
+    found = []
+    for block in fusion.fusion_layers:
+        obj = block
+        for name in path:
+            obj = _child(obj, name)
+        value = getattr(obj, attr, None) if obj is not None else None
+        found.append(value)
+    if all(v is None for v in found):
+        return None, None
+    if any(v != found[0] for v in found):
+        raise IncompatibleModelError(f"fusion layers differ in {'.'.join(path + (attr,))} ({found}); the rebuilt "
+                                     "fusion has one value for every layer")
+    return found[0], f"fusion_layers[*].{'.'.join(path + (attr,))}"
+
+
+def _ssm_dilations(fusion):
+    """Dilations of the SSM gate's 3-tap encoder convolutions in every layer: (list, source) or (None, None)."""
+    found = []
+    for block in fusion.fusion_layers:
+        encoder = _child(_child(_child(block, "gating_function"), "ssm_gate"), "encoder")
+        if encoder is None:
+            return None, None
+        found.append([int(m.dilation[0]) for m in encoder.modules()
+                      if isinstance(m, nn.Conv1d) and m.kernel_size[0] == 3])
+    if any(d != found[0] for d in found):
+        raise IncompatibleModelError(f"fusion layers differ in their SSM dilations ({found}); the rebuilt fusion "
+                                     "has one value for every layer")
+    return found[0], "fusion_layers[*].gating_function.ssm_gate.encoder Conv1d(kernel 3).dilation"
+
+
+def _gate_config(fusion, sd, options):
+    """Gate options of a custom fusion that its weights cannot (fully) tell, read from module attributes.
+
+    v2: ``mha_gate_temp`` (``gating_function.mha_temp``, a float), ``ffn_gate_film`` (``ffn_film``,
+    checked against the ``ffn_beta`` weights). diagstrip SSM: band width and video branch (checked
+    against the weight shapes), channels (weights), dilations (the encoder's convolutions) and
+    ``diag_subtract``. What no attribute holds comes from ``options``, else it is a ConfigError.
+    Returns ({option: value}, {option: source}).
+    """
+    info = describe_state_dict(sd)
+    values, sources = {}, {}
+
+    def put(key, value, source, weights=None, weights_source=None):
+        if value is None and key in options:
+            value, source = options[key], "given (options)"
+        if value is None:
+            value, source = weights, weights_source
+        if weights is not None and value != weights:
+            raise IncompatibleModelError(f"{source} says {key}={value!r} but the weights have {weights!r} "
+                                         f"({weights_source})")
+        if value is not None:
+            values[key] = value
+            sources[key] = source if weights is None or source == weights_source else \
+                f"{source}, agrees with the {weights_source}"
+
+    if info["variant_from_weights"] == "v2":
+        temp, where = _layer_value(fusion, ("gating_function",), "mha_temp")
+        put("mha_gate_temp", None if temp is None else float(temp), where)
+        if "mha_gate_temp" not in values:
+            raise ConfigError("v2 gating: the sigmoid temperature is no weight and no gating function has an "
+                              "mha_temp attribute; pass options={'mha_gate_temp': T}, the value it was trained with")
+        film, where = _layer_value(fusion, ("gating_function",), "ffn_film")
+        if film is None:
+            film, where = _layer_value(fusion, (), "ffn_film")
+        put("ffn_gate_film", None if film is None else bool(film), where, bool(info["film"]),
+            "weights (gating_function.ffn_beta " + ("present)" if info["film"] else "absent)"))
+    elif info["variant_from_weights"] == "diagstrip":
+        shapes, gate = info["ssm"], ("gating_function", "ssm_gate")
+        width, where = _layer_value(fusion, gate, "band_width")
+        put("ssm_band_width", None if width is None else int(width), where, shapes["band_width"],
+            "weights (ssm_gate.encoder.net.0 has 2w+1 input channels)")
+        put("ssm_enc_channels", None, None, shapes["enc_channels"], "weights (ssm_gate.encoder.net.0 output channels)")
+        video, where = _layer_value(fusion, gate, "use_video_branch")
+        put("ssm_use_video_branch", None if video is None else int(bool(video)), where,
+            int(shapes["use_video_branch"]), "weights (ssm_gate.norm is 2C wide with the video branch, C without)")
+        dilations, where = _ssm_dilations(fusion)
+        if dilations is None:
+            dilations, where = _layer_value(fusion, gate, "dilations")
+        put("ssm_dilations", None if dilations is None else [int(d) for d in dilations], where)
+        if "ssm_dilations" not in values:
+            raise ConfigError("the SSM gate's dilations change no weight shape and no encoder convolution was "
+                              "found; pass options={'ssm_dilations': [...]}")
+        if len(values["ssm_dilations"]) != shapes["n_dilations"]:
+            raise IncompatibleModelError(f"the SSM gate has {shapes['n_dilations']} dilated convolutions but "
+                                         f"{len(values['ssm_dilations'])} dilations were found "
+                                         f"({sources['ssm_dilations']})")
+        sub, where = _layer_value(fusion, gate, "diag_subtract")
+        put("ssm_diag_subtract", None if sub is None else float(sub), where)
+        if "ssm_diag_subtract" not in values:
+            raise ConfigError("the SSM gate's diag_subtract is no weight and no ssm_gate has a diag_subtract "
+                              "attribute; pass options={'ssm_diag_subtract': X}")
+    return values, sources
 
 
 def _set_batching(module, mode):
@@ -657,9 +787,14 @@ def _run_user(user, kind, fusion, probe):
 
 
 def _build_own(kind, layout, sd, opt_given, gating_type, label):
-    """Our equivalent (model or fusion module) from the mapped state dict, strictly loaded."""
+    """Our equivalent (model or fusion module) from the mapped state dict, strictly loaded.
+
+    The custom fusion's variant and gate options come from ``opt_given`` as in a checkpoint's options
+    (``qd_detr.config.fusion_variant`` / ``gate_options``: v2 or ``ssm_*`` options).
+    """
     from qd_detr.avigate import AVIGATEFusion
     from qd_detr.avigate_custom import AVIGATEFusionCustom
+    from qd_detr.config import SSM_OPTIONS, V2_OPTIONS, fusion_variant, gate_options
     from qd_detr.model import build_model
     info = describe_state_dict(sd)
     if kind == "model":
@@ -673,8 +808,15 @@ def _build_own(kind, layout, sd, opt_given, gating_type, label):
     inner = {k[len(FUSION_SCOPE_PREFIX):]: v for k, v in sd.items()}
     hidden = int(inner["fusion_layers.0.norm1.weight"].shape[0])
     heads, n_layers = opt_given.get("fusion_n_heads", 8), info["fusion_layers"]
+    variant_opts = {k: v for k, v in opt_given.items() if k in V2_OPTIONS or k in SSM_OPTIONS}
     if layout == "custom":
-        own = AVIGATEFusionCustom(hidden, hidden, hidden, n_heads=heads, num_layers=n_layers, gating_type=gating_type)
+        spec = argparse.Namespace(gating_type=gating_type, **variant_opts)
+        try:
+            variant, (kwargs, _) = fusion_variant(spec), gate_options(spec)
+            own = AVIGATEFusionCustom(hidden, hidden, hidden, n_heads=heads, num_layers=n_layers,
+                                      gating_type=gating_type, variant=variant, **kwargs)
+        except ValueError as exc:
+            raise ConfigError(f"{label}: {exc}") from None
         dims = dict(v_feat_dim=hidden, a_feat_dim=hidden)
     else:
         dims = dict(v_feat_dim=int(inner["video_proj.weight"].shape[1]),
@@ -682,48 +824,158 @@ def _build_own(kind, layout, sd, opt_given, gating_type, label):
         own = AVIGATEFusion(dims["v_feat_dim"], dims["a_feat_dim"], hidden, n_heads=heads, num_layers=n_layers)
     strict_load(own, inner, label)
     opt = argparse.Namespace(layout=layout, gating_type=gating_type, fusion_layers=n_layers,
-                             fusion_n_heads=heads, hidden_dim=hidden, t_feat_dim=None, **dims)
+                             fusion_n_heads=heads, hidden_dim=hidden, t_feat_dim=None, **dims, **variant_opts)
     return own, opt
 
 
 def _resolve_in_memory_gating(layout, fusion, sd, gating_type, observed_gate):
-    """(gating type, source) from the argument, the module's attributes and its observed behaviour."""
-    n_out = int(sd[f"{FUSION_SCOPE_PREFIX}fusion_layers.0.gating_function.mlp_mha.2.weight"].shape[0])
-    observed = _observed_gating(observed_gate, n_out) if observed_gate is not None else None
+    """(gating type, source) from the argument, the module's attributes, its weights and its observed behaviour.
+
+    The diagstrip SSM gate (``gating_function.ssm_gate.*``, no gating MLP of its own) is told by its
+    weights; its [B, 1, 1] gates are observed as global.
+    """
     if layout == "avigate":
         if gating_type not in (None, "global"):
             raise ConfigError(f"gating_type {gating_type} conflicts with the model's layout (the older AVIGATEFusion "
                               "has global gates only)")
         return "global", "layout (the older AVIGATEFusion has global gates only)"
+    g0 = f"{FUSION_SCOPE_PREFIX}fusion_layers.0.gating_function."
+    ssm = g0 + "ssm_gate.norm.weight" in sd
+    n_out = 1 if ssm else int(sd[g0 + "mlp_mha.2.weight"].shape[0])
+    observed = _observed_gating(observed_gate, n_out) if observed_gate is not None else None
+    if ssm and observed == "global":
+        observed = "global_diagstrip_ssm"
     declared, where = _declared_gating(fusion)
     if gating_type is not None and gating_type not in GATING_TYPES:
         raise ConfigError(f"gating_type {gating_type!r} is not one of {', '.join(GATING_TYPES)}")
-    for value, source in ((declared, where), (observed, "the gating function's output shape on the probe")):
-        if gating_type is not None and value is not None and value != gating_type:
+    probe_source = "the gating function's output shape on the probe"
+    weights = ("global_diagstrip_ssm", "weights (gating_function.ssm_gate.*: the diagstrip SSM gate)") if ssm else \
+        (None, None)
+    evidence = [(v, s) for v, s in ((declared, where), weights, (observed, probe_source)) if v is not None]
+    for value, source in evidence:
+        if gating_type is not None and value != gating_type:
             raise ConfigError(f"gating_type {gating_type} conflicts with the model's gating type {value} ({source})")
-    if declared is not None and observed is not None and declared != observed:
-        raise IncompatibleModelError(f"the module says gating_type {declared} ({where}) but its gating function "
-                                     f"behaves as {observed} gating")
+    for (value, source), (other, other_source) in zip(evidence, evidence[1:]):
+        if value != other:
+            raise IncompatibleModelError(f"the module's gating type is {value} by {source} but {other} by "
+                                         f"{other_source}")
     if gating_type is not None:
-        return gating_type, "given" + (f", agrees with {where}" if declared else "")
-    if declared is not None:
-        return declared, where
-    if observed is not None:
-        return observed, "the gating function's output shape on the probe"
+        return gating_type, "given" + (f", agrees with {evidence[0][1]}" if evidence else "")
+    if evidence:
+        return evidence[0]
     raise ConfigError(f"cannot tell the gating type: {GATING_AMBIGUITY}; pass gating_type")
 
 
-def adapt_legacy_model(model, gating_type=None, enable_tracking=True, return_details=False):
+_READINGS = {"v1": "v1 (tanh MHA gate)", "diagstrip": "diagstrip (sigmoid MHA gate)", "v2": "v2 (gate refinement)"}
+
+
+def _declared_variant(fusion, given):
+    """(variant, source) the module's ``variant`` attribute (our own modules) or given ``ssm_*`` options state."""
+    from qd_detr.config import FUSION_VARIANTS, SSM_OPTIONS
+    block = fusion.fusion_layers[0]
+    for obj in (fusion, block, _child(block, "gating_function")):
+        value = getattr(obj, "variant", None) if obj is not None else None
+        if isinstance(value, str) and value in FUSION_VARIANTS:
+            return value, f"{type(obj).__name__}.variant"
+    if any(k in given for k in SSM_OPTIONS):
+        return "diagstrip", "ssm_* options"
+    return None, None
+
+
+def _variant_readings(layout, fusion, sd, gating, given):
+    """The readings to prove: ([(variant, options for _build_own)], source or None when outputs decide,
+    (declared variant, its source)).
+
+    The weights tell v2 (``mha_bias``/``mha_scale``/``ffn_alpha``) and the diagstrip SSM gate. Plain
+    ``global`` gating of v1 (tanh MHA gate) and of diagstrip (sigmoid) have the same keys, shapes and
+    attributes: both are tried, v1 first, and the outputs decide. Clipwise and elementwise gating
+    compute alike in both, so one reading is proved.
+    """
+    from qd_detr.config import SSM_OPTIONS
+    if layout != "custom":
+        return [(None, given)], None, (None, None)
+    from_weights = describe_state_dict(sd)["variant_from_weights"]
+    declared = _declared_variant(fusion, given)
+    if from_weights in ("v2", "diagstrip"):
+        if declared[0] not in (None, from_weights):
+            raise IncompatibleModelError(f"the module says fusion variant {declared[0]} ({declared[1]}) but its "
+                                         f"weights are of the {from_weights} variant")
+        what = "mha_bias/mha_scale/ffn_alpha: the v2 gate refinement" if from_weights == "v2" else \
+            "ssm_gate.*: the diagstrip SSM gate"
+        return [(from_weights, given)], f"weights (gating_function.{what})", declared
+    if declared[0] == "v2":
+        raise IncompatibleModelError(f"the module says fusion variant v2 ({declared[1]}) but its weights lack the "
+                                     "v2 gate parameters (gating_function.mha_bias/mha_scale/ffn_alpha)")
+    # the diagstrip reading is built from ssm_* options (at the branch's defaults where not given), as the
+    # diagstrip branch saves them; they mark the variant and change nothing else outside the SSM gate
+    readings = {"v1": {k: v for k, v in given.items() if k not in SSM_OPTIONS},
+                "diagstrip": {**{k: (list(v) if isinstance(v, list) else v) for k, v in SSM_OPTIONS.items()}, **given}}
+    if gating == "global":
+        return [(v, readings[v]) for v in ("v1", "diagstrip")], None, declared
+    variant = declared[0] or "v1"
+    source = (f"{declared[1]}; " if declared[0] else "no v2 or SSM gate weights; ") + \
+        f"v1 and diagstrip compute {gating} gating alike"
+    return [(variant, readings[variant])], source, declared
+
+
+def _prove_own(own, kind, probe, ref_out, ref_fused):
+    """Our module with tracking vs the user's outputs, per batching mode: ({mode: comparison}, {mode: gates})."""
+    own_fusion = own.fusion if kind == "model" else own
+    modes, gates = {}, {}
+    for mode in BATCHING_MODES:
+        _set_batching(own, mode)
+
+        def run(f):
+            with torch.no_grad(), _OutputCatcher([own_fusion]) as caught:
+                f.set_current_sample_id(list(PROBE_IDS))
+                out = own(**probe) if kind == "model" else own(
+                    probe["src_vid"], probe["src_aud"], video_mask=probe["src_vid_mask"],
+                    audio_mask=probe["src_aud_mask"])
+            return out, caught.outputs.get(0)
+
+        (out, fused), own_history, raw = _tracked_run(own, probe, run)
+        required = ("pred_logits", "pred_spans", "saliency_scores") if kind == "model" else ()
+        modes[mode] = _compare(ref_out, out, ref_fused, fused, required=required)
+        gates[mode] = (own_history, raw)
+    return modes, gates
+
+
+def _diffs_text(modes):
+    return ", ".join(f"{m} batching {modes[m]['max_abs_diff']}" for m in BATCHING_MODES)
+
+
+def _variant_outcome(tried, source, declared, label):
+    """(variant, source) after the proof; outputs decide between readings, a declared variant must agree."""
+    variant = tried[-1]["variant"]
+    if source is None:  # told by outputs
+        parts = [f"the {t['reading']} reading " + ("reproduces the given model" if t["passed"] else "differs")
+                 + f" (max abs diff {t['max_abs_diff']})" for t in reversed(tried)]
+        source = "outputs on the probe: " + "; ".join(parts)
+        if declared[0] is not None and declared[0] != variant:
+            raise IncompatibleModelError(f"{label}: the module says fusion variant {declared[0]} ({declared[1]}) "
+                                         f"but its outputs match the {tried[-1]['reading']} reading")
+        if declared[0] is not None:
+            source += f"; agrees with {declared[1]}"
+    return variant, source
+
+
+def adapt_legacy_model(model, gating_type=None, enable_tracking=True, return_details=False, options=None):
     """Rebuild an in-memory trained model (or bare fusion module) as this project's trackable equivalent.
 
     ``model``: a QD-DETR-like module with ``.fusion`` or ``.avigate_fusion`` (optionally inside
     DataParallel), or a fusion module with ``.fusion_layers``, with the original attribute names.
     Its weights are loaded strictly into our module; what shapes cannot tell (gating type, head
-    counts, flags) is read from its attributes, and the gating type is cross-checked against what its
-    gating function returns. Our module must then reproduce the user's outputs and fused features on
-    a ragged probe in one of our batching modes (the one kept); the user's model is left unchanged.
+    counts, flags, the v2 temperature and FiLM flag, the SSM gate's settings) is read from its
+    attributes, and the gating type is cross-checked against what its gating function returns.
+    ``options``: values no attribute holds (e.g. ``{"mha_gate_temp": 1.5}``); they must agree with
+    the attributes. Our module must then reproduce the user's outputs and fused features on a ragged
+    probe in one of our batching modes (the one kept). Plain global gating of the v1 (tanh) and
+    diagstrip (sigmoid) branches cannot be told apart otherwise: both readings are tried and the one
+    whose outputs match is kept. The user's model is left unchanged.
     Returns our module (tracking enabled), or ``(module, opt, report)`` with ``return_details``.
     """
+    from qd_detr.config import FUSION_VARIANTS, SSM_OPTIONS, V2_OPTIONS
+    from qd_detr.gates import fusion_gate_ranges
     t0 = time.time()
     user, kind, fusion, attr, wrapper = _describe_object(model)
     label = f"in-memory {type(user).__name__}"
@@ -746,9 +998,12 @@ def adapt_legacy_model(model, gating_type=None, enable_tracking=True, return_det
     flags = {m: m.training for m in user.modules()}
     had_history = isinstance(getattr(fusion, "gate_history", None), dict)
     user_history = dict(fusion.gate_history) if had_history else None
+    declared_mode = getattr(user, "batching", None)
+    order = [declared_mode] if declared_mode in BATCHING_MODES else []
+    order += [m for m in ("original", "query") if m not in order]
     user.eval()
     try:
-        given, where = _module_config(user, fusion, layout, sd)
+        given, where = _module_config(user, fusion, layout, sd, options)
         if kind == "model":
             placeholders = {"gating_type": "global", "fusion_n_heads": 8, "nheads": 8}  # dims only
             dims_opt = infer_options(sd, describe_state_dict(sd), {**placeholders, **given}, label)
@@ -761,53 +1016,61 @@ def adapt_legacy_model(model, gating_type=None, enable_tracking=True, return_det
         probe = make_probe_batch(**dims, device=device)
         ref_out, ref_fused, gate = _run_user(user, kind, fusion, probe)
         gating, gating_source = _resolve_in_memory_gating(layout, fusion, sd, gating_type, gate)
-        try:
-            own, opt = _build_own(kind, layout, sd, given, gating, label)
-        except ConfigError:
-            raise
-        except CheckpointError as exc:
-            raise IncompatibleModelError(str(exc)) from None
-        own.to(device).eval()
-        own_fusion = own.fusion if kind == "model" else own
-        modes, gates = {}, {}
-        for mode in BATCHING_MODES:
-            _set_batching(own, mode)
-
-            def run(f):
-                with torch.no_grad(), _OutputCatcher([own_fusion]) as caught:
-                    f.set_current_sample_id(list(PROBE_IDS))
-                    out = own(**probe) if kind == "model" else own(
-                        probe["src_vid"], probe["src_aud"], video_mask=probe["src_vid_mask"],
-                        audio_mask=probe["src_aud_mask"])
-                return out, caught.outputs.get(0)
-
-            (out, fused), own_history, raw = _tracked_run(own, probe, run)
-            required = ("pred_logits", "pred_spans", "saliency_scores") if kind == "model" else ()
-            modes[mode] = _compare(ref_out, out, ref_fused, fused, required=required)
-            gates[mode] = (own_history, raw)
+        readings, variant_source, declared = _variant_readings(layout, fusion, sd, gating, given)
+        tried = []
+        for variant, reading_given in readings:
+            try:
+                own, opt = _build_own(kind, layout, sd, reading_given, gating, label)
+            except CheckpointError as exc:
+                raise IncompatibleModelError(str(exc)) from None
+            own.to(device).eval()
+            modes, gates = _prove_own(own, kind, probe, ref_out, ref_fused)
+            chosen = next((m for m in order if modes[m]["passed"]), None)
+            best = modes[chosen] if chosen else min(modes.values(), key=lambda m: (isinstance(m["max_abs_diff"], str),
+                                                                                   m["max_abs_diff"]))
+            tried.append({"variant": variant, "reading": _READINGS.get(variant, variant), "passed": chosen is not None,
+                          "max_abs_diff": best["max_abs_diff"], "batching": chosen})
+            if chosen is not None:
+                break
     finally:
         for m, flag in flags.items():
             m.train(flag)
         if had_history:  # a tracked user fusion must not keep the probe's records
             fusion.gate_history = user_history
-    declared_mode = getattr(user, "batching", None)
-    order = [declared_mode] if declared_mode in BATCHING_MODES else []
-    order += [m for m in ("original", "query") if m not in order]
-    chosen = next((m for m in order if modes[m]["passed"]), None)
     if chosen is None:
+        if len(tried) > 1:
+            raise EquivalenceError(
+                f"{label}: the rebuilt model does not reproduce the given model under either reading of its plain "
+                f"global gating (both tried: " + "; ".join(f"{t['reading']}: max abs diff {t['max_abs_diff']}"
+                                                           for t in tried)
+                + f"; tolerance {TOLERANCE:g}); its forward pass differs from the known layouts")
         raise EquivalenceError(
-            f"{label}: the rebuilt model does not reproduce the given model (max abs diff "
-            + ", ".join(f"{m} batching {modes[m]['max_abs_diff']}" for m in BATCHING_MODES)
-            + f"; tolerance {TOLERANCE:g}); its forward pass differs from the known layouts")
+            f"{label}: the rebuilt model does not reproduce the given model (max abs diff {_diffs_text(modes)}"
+            f"; tolerance {TOLERANCE:g}); its forward pass differs from the known layouts")
+    variant, variant_source = _variant_outcome(tried, variant_source, declared, label) if layout == "custom" else \
+        (None, None)
     _set_batching(own, chosen)
+    own_fusion = own.fusion if kind == "model" else own
     weights = _verify_weights(own, sd if kind == "model" else
                               {k[len(FUSION_SCOPE_PREFIX):]: v for k, v in sd.items()}, label)
     own_history, raw = gates[chosen]
-    layer_gates = _check_gate_records(own_history, PROBE_IDS, PROBE_LENGTHS, gating, len(own_fusion.fusion_layers),
+    n_layers = len(own_fusion.fusion_layers)
+    layer_gates = _check_gate_records(own_history, PROBE_IDS, PROBE_LENGTHS, gating, n_layers,
                                       int(own_fusion.fusion_layers[0].norm1.weight.shape[0]), raw)
+    kinds = fusion_gate_kinds(own_fusion)
+    recorded = {(g["layer"], g["kind"]) for g in layer_gates}
+    missing = [f"layer {i} {k}" for i in range(n_layers) for k in kinds if (i, k) not in recorded]
+    if missing:
+        raise IncompatibleModelError(f"{label}: gate tracking recorded no {', '.join(missing)} gate on the probe "
+                                     f"(the fusion applies {', '.join(kinds)})")
+    gate_opts = {k: {"value": given[k], "source": where[k]} for k in given if k in V2_OPTIONS or k in SSM_OPTIONS}
     report = {
         "source": label, "object": kind, "wrapper": wrapper, "fusion_attribute": attr, "layout": layout,
         "layout_description": LAYOUT_DESCRIPTIONS[layout], "gating_type": gating, "gating_type_source": gating_source,
+        "fusion_variant": variant, "fusion_variant_description": FUSION_VARIANTS.get(variant),
+        "fusion_variant_source": variant_source,
+        "variant_readings": [{k: t[k] for k in ("variant", "reading", "passed", "max_abs_diff")} for t in tried],
+        "gate_options": gate_opts,
         "options_from_module": {k: {"value": given[k], "source": where[k]} for k in given},
         "key_renames": [list(r) for r in renames], "key_groups": dict(keys.groups), "unmatched_keys": [],
         "n_tensors": len(sd), "n_parameters": int(sum(p.numel() for p in own.parameters())),
@@ -816,11 +1079,15 @@ def adapt_legacy_model(model, gating_type=None, enable_tracking=True, return_det
                         "tracking enabled", "tolerance": TOLERANCE, "probe": _probe_description(probe),
                         "modes": modes, "batching": chosen, "max_abs_diff": modes[chosen]["max_abs_diff"],
                         "passed": True},
-        "gates": {"gating_type": gating, "layers": layer_gates, "per_sample_shape": _per_sample_shape(gating)},
+        "gates": {"gating_type": gating, "kinds": list(kinds), "layers": layer_gates,
+                  "per_sample_shape": _per_sample_shape(gating)},
+        "gate_ranges": {k: r.as_dict() for k, r in fusion_gate_ranges(own_fusion).items()},
         "gate_tracking": "enabled" if enable_tracking else "off",
         "seconds": round(time.time() - t0, 3),
     }
-    report["summary"] = _summary_line(report)
+    report["summary"] = _summary_line(report) + (
+        f"; fusion variant {variant}" + (" (told by outputs)" if variant_source.startswith("outputs") else "")
+        if variant else "")
     if enable_tracking:
         own_fusion.enable_gate_tracking()
     return (own, opt, report) if return_details else own
@@ -882,10 +1149,12 @@ def _real_batch(model, opt, model_path, data, batch_size):
 
 
 def check_compatibility(model_path, gating_type=None, trust_pickle=False, device="auto", data=None, batch_size=4,
-                        options=None):
+                        options=None, reproduction=None):
     """Run every check on a checkpoint; returns ``(report, exit_code)`` (0 compatible, 1 incompatible,
     2 unreadable or bad input). ``data``: optional dict with ``data_path`` and feature folder overrides;
-    ``options``: what a bare state dict cannot tell (``{"nheads": 8, "fusion_n_heads": 8}``)."""
+    ``options``: what a bare state dict cannot tell (``{"nheads": 8, "fusion_n_heads": 8}``);
+    ``reproduction``: ``{"original_predictions": FILE or None}`` to re-run the original run's predictions
+    (``gate_analysis.reproduction``; DIFFERS is incompatible)."""
     report = {"model_path": os.path.abspath(os.fspath(model_path)), "compatible": False, "status": None,
               "reason": None, "stage": "read"}
 
@@ -909,6 +1178,9 @@ def check_compatibility(model_path, gating_type=None, trust_pickle=False, device
         t0 = time.time()
         model, opt, load_report = _load_checked(contents, gating_type, device, trust_pickle, options)
         report.update(layout=load_report["layout"], layout_description=LAYOUT_DESCRIPTIONS.get(load_report["layout"]),
+                      fusion_variant=load_report.get("fusion_variant"),
+                      fusion_variant_source=load_report.get("fusion_variant_source"),
+                      gate_options=load_report.get("gate_options"), gate_ranges=load_report.get("gate_ranges"),
                       gating_type=load_report["gating_type"], gating_type_source=load_report["gating_type_source"],
                       fusion_layers=load_report["fusion_layers"], fusion_n_heads=load_report["fusion_n_heads"],
                       key_match=load_report["keys"], n_parameters=load_report["n_parameters"],
@@ -925,6 +1197,12 @@ def check_compatibility(model_path, gating_type=None, trust_pickle=False, device
             report["real_batch"] = _real_batch(model, opt, model_path, data, batch_size)
             if not report["real_batch"]["passed"]:
                 raise EquivalenceError("the real batch's outputs differ with gate tracking on, or are not finite")
+        if reproduction is not None:  # proof against the original run's own predictions
+            from .reproduction import check_reproduction
+            report["stage"] = "reproduce"
+            report["reproduction"] = check_reproduction(model, opt, model_path, data, **reproduction)
+            if report["reproduction"]["status"] == "differs":
+                raise EquivalenceError(report["reproduction"]["message"])
     except ToolkitError as exc:
         return fail(exc, report["stage"])
     report.update(compatible=True, status="compatible", stage="done")
@@ -955,6 +1233,13 @@ def format_report(report):
     if report.get("gating_type"):
         lines.append(f"  gating       {report['gating_type']} (from {report['gating_type_source']}); "
                      f"{report['fusion_layers']} fusion layers, {report['fusion_n_heads']} heads")
+    if report.get("fusion_variant"):
+        opts = "; ".join(f"{k} {v['value']} ({v['source']})" for k, v in (report.get("gate_options") or {}).items())
+        lines.append(f"  variant      {report['fusion_variant']}: {FUSION_VARIANTS[report['fusion_variant']]}; "
+                     f"told by {report['fusion_variant_source']}" + (f"; not in the weights: {opts}" if opts else ""))
+    for name, rng in (report.get("gate_ranges") or {}).items():
+        if name.startswith("layers.0."):
+            lines.append(f"  range        {name}: {rng['formula']}; {rng['meaning']}")
     if "weights" in report:
         w = report["weights"]
         lines.append(f"  weights      {w['identical']}/{w['compared']} tensors identical to the checkpoint "
@@ -977,6 +1262,9 @@ def format_report(report):
         first = rb["gates"][str(rb["qids"][0])]
         lines.append("  real gates   qid " + str(rb["qids"][0]) + ": "
                      + "; ".join(f"{k} {v['shape']} mean {v['mean']:+.4f}" for k, v in first.items()))
+    if report.get("reproduction"):
+        from .reproduction import format_reproduction
+        lines += format_reproduction(report["reproduction"])
     if report["compatible"]:
         lines.append("COMPATIBLE: gates can be analysed, e.g. python run_gate_analysis.py --legacy_model "
                      f"--model_path {shlex.quote(report['model_path'])} --data_path ... --output_dir ...")

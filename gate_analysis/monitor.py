@@ -32,6 +32,7 @@ the figures ``evolution_layers.png`` / ``evolution_queries.png`` are rewritten f
 captures ``epoch_{epoch + 1}``.
 """
 import inspect
+import json
 import os
 import re
 import shutil
@@ -42,21 +43,29 @@ import pandas as pd
 import torch
 
 from qd_detr.errors import ConfigError, DataError
-from qd_detr.gates import GATE_KINDS, GateRecorder, fusion_gate_kinds, fusion_gating_type, fusion_num_layers
+from qd_detr.gates import (
+    GATE_KINDS,
+    GateRecorder,
+    fusion_gate_kinds,
+    fusion_gate_ranges,
+    fusion_gating_type,
+    fusion_num_layers,
+)
 
+from .ranges import TANH, as_range, kind_range, ranges_from_meta
 from .stats import CSV_FILES, GateStatsAccumulator, write_stats_csvs
 from .store import GateStoreWriter, atomic_write_csv, load_gate_run
 
 __all__ = ["GateMonitor", "DatasetBatches", "read_gate_evolution", "summarize_gate_evolution",
            "plot_gate_evolution", "write_gate_evolution", "EVOLUTION_COLUMNS", "EVOLUTION_FILE",
-           "EVOLUTION_PLOTS", "epoch_dir_name"]
+           "EVOLUTION_PLOTS", "epoch_dir_name", "evolution_value_ranges"]
 
 #: Columns of ``gate_evolution.csv`` with a one-sentence description each.
 EVOLUTION_COLUMNS = {
     "epoch": "Completed training epochs when the gates were captured (0 = before training).",
     "qid": "QVHighlights query id.",
     "layer": "Fusion layer index (0-based).",
-    "gate": "Gate kind: 'mha' (audio cross-attention branch) or 'ffn' (FFN branch).",
+    "gate": "Gate kind: 'mha' (audio cross-attention branch), 'ffn' (FFN branch) or 'beta' (v2 FiLM shift).",
     "name": "Dotted gate name 'layers.{layer}.gate_{gate}'.",
     "mean": "Mean of the query's gate values (over valid clips, and dims for elementwise gating).",
     "std": "Population std (ddof=0) of the query's gate values.",
@@ -279,9 +288,11 @@ class GateMonitor:
         layers = list(range(self.num_layers))
         try:
             kinds = fusion_gate_kinds(self.fusion)
+            ranges = fusion_gate_ranges(self.fusion)  # as trained so far (v2 scale, alpha, beta move)
             writer = GateStoreWriter(tmp, self.gating_type, self.num_layers, hidden_dim=self.hidden_dim, kinds=kinds,
+                                     gate_ranges=ranges,
                                      extra_meta={"epoch": int(epoch), "source": "gate_analysis.monitor"})
-            acc = GateStatsAccumulator(self.gating_type, layers, kinds=kinds)
+            acc = GateStatsAccumulator(self.gating_type, layers, kinds=kinds, gate_ranges=ranges)
             for qid, vid, rec in records:
                 writer.add(qid, vid, rec.gates, n_clips=rec.n_clips)
                 acc.update(qid, rec.gates, vid=vid, n_clips=rec.n_clips)
@@ -312,8 +323,9 @@ class GateMonitor:
         path = write_gate_evolution(df, os.path.join(self.out_dir, EVOLUTION_FILE))
         plots = []
         if self.evolution_plots:
+            value_range = evolution_value_ranges([self.out_dir])
             for by, name in EVOLUTION_PLOTS.items():
-                plots.append(plot_gate_evolution(df, os.path.join(self.out_dir, name), by=by))
+                plots.append(plot_gate_evolution(df, os.path.join(self.out_dir, name), by=by, value_range=value_range))
         return {"evolution": path, "evolution_plots": plots}
 
 
@@ -428,6 +440,30 @@ def read_gate_evolution(paths):
     return df.reset_index(drop=True)
 
 
+def evolution_value_ranges(paths):
+    """{kind: (lo, hi)}: the union over epochs and layers of the gate ranges recorded in the ``gates/meta.json``
+    of the captures under ``paths`` (as ``read_gate_evolution`` finds them); tanh [-1, 1] for kinds or
+    captures that record none."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    found = {}
+    for p in paths:
+        p = os.fspath(p)
+        sources = [] if os.path.isfile(p) else _sources(p)
+        for _, folder in sources:
+            meta_path = os.path.join(folder, "gates", "meta.json")
+            meta = {}
+            if os.path.isfile(meta_path):
+                with open(meta_path) as fh:
+                    meta = json.load(fh)
+            declared = ranges_from_meta(meta)
+            for kind in meta.get("kinds", ["mha", "ffn"]):
+                rng = kind_range({k: as_range(v) for k, v in declared.items()}, kind) if declared else TANH
+                lo, hi = found.get(kind, (rng.low, rng.high))
+                found[kind] = (min(lo, rng.low), max(hi, rng.high))
+    return found or {"mha": (-1.0, 1.0), "ffn": (-1.0, 1.0)}
+
+
 def write_gate_evolution(df, path):
     """Write the ``EVOLUTION_COLUMNS`` of ``df`` to ``path`` atomically (floats ``%.9g``)."""
     return atomic_write_csv(df[list(EVOLUTION_COLUMNS)], path, float_format="%.9g")
@@ -469,6 +505,20 @@ def _kinds(df):
     return [k for k in GATE_KINDS if k in present] + [k for k in present if k not in GATE_KINDS]
 
 
+def _kind_lim(value_range, kind, data=()):
+    """(lo, hi, signed): y limits of ``kind``: its range (``(lo, hi)`` or ``{kind: (lo, hi)}``; tanh
+    [-1, 1] when absent) with a 2% margin, widened to ``data`` outside it; ``signed``: 0 lies inside
+    the range (a zero line is drawn)."""
+    lo, hi = value_range.get(kind, (-1.0, 1.0)) if isinstance(value_range, dict) else value_range
+    signed = lo < 0 < hi
+    d = np.asarray(data, dtype=float)
+    d = d[np.isfinite(d)]
+    if d.size:
+        lo, hi = min(lo, float(d.min())), max(hi, float(d.max()))
+    pad = 0.02 * (hi - lo)
+    return lo - pad, hi + pad, signed
+
+
 def _plot_by_layer(df, path, value_range):
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
@@ -491,10 +541,14 @@ def _plot_by_layer(df, path, value_range):
                 if len(runs) == 1:
                     ax_m.fill_between(x, m - sd, m + sd, color=color, alpha=0.15, lw=0)
                 ax_s.plot(x, sd, styles[ri % len(styles)], marker="o", ms=3, color=color, label=label)
-        ax_m.set_ylim(*value_range)
-        ax_m.axhline(0, color="0.3", lw=0.8, zorder=0)
+        sel = s[s["gate"] == kind]
+        lo, hi, signed = _kind_lim(value_range, kind,
+                                   np.concatenate([sel["mean"] - sel["std"], sel["mean"] + sel["std"]]))
+        ax_m.set_ylim(lo, hi)
+        if signed:
+            ax_m.axhline(0, color="0.3", lw=0.8, zorder=0)
         ax_m.set_title(f"gate_{kind}: mean over all values" + (" (band: ± std)" if len(runs) == 1 else ""))
-        ax_s.set_ylim(0, (value_range[1] - value_range[0]) / 2)
+        ax_s.set_ylim(0, max((hi - lo) / 2, float(sel["std"].max()) * 1.05 if len(sel) else 0))
         ax_s.set_title(f"gate_{kind}: std over all values")
         for ax in (ax_m, ax_s):
             ax.set_xlabel("epoch (completed)")
@@ -519,7 +573,7 @@ def _plot_by_query(df, path, value_range, max_queries):
     cmap = plt.get_cmap("tab20")
     styles = ["-", "--", ":", "-."]
     fig, axes = plt.subplots(len(kinds), len(layers), figsize=(3.6 * len(layers) + 1.5, 3.0 * len(kinds)),
-                             squeeze=False, sharey=True)
+                             squeeze=False, sharey="row")
     for r, kind in enumerate(kinds):
         for c, layer in enumerate(layers):
             ax = axes[r][c]
@@ -533,13 +587,16 @@ def _plot_by_query(df, path, value_range, max_queries):
                         continue
                     ax.plot(sel["epoch"], sel["mean"], styles[ri % len(styles)], marker="o", ms=2.5, lw=1,
                             color=cmap(qi % 20), label=f"qid {qid}" if (r, c, ri) == (0, len(layers) - 1, 0) else None)
-            ax.set_ylim(*value_range)
-            ax.axhline(0, color="0.3", lw=0.8, zorder=0)
+            lo, hi, signed = _kind_lim(value_range, kind, df.loc[df["gate"] == kind, "mean"])
+            ax.set_ylim(lo, hi)
+            if signed:
+                ax.axhline(0, color="0.3", lw=0.8, zorder=0)
             ax.set_title(f"layers.{layer}.gate_{kind}", fontsize=9)
             ax.set_xlabel("epoch (completed)")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("mean gate of the query")
+    for r in range(len(kinds)):
+        axes[r][0].set_ylabel("mean gate of the query")
     handles, labels = axes[0][-1].get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="center right", fontsize=7, frameon=False)
@@ -549,7 +606,7 @@ def _plot_by_query(df, path, value_range, max_queries):
     return _save(fig, path)
 
 
-def plot_gate_evolution(paths_or_frame, out_path, by="layer", value_range=(-1.0, 1.0), max_queries=20):
+def plot_gate_evolution(paths_or_frame, out_path, by="layer", value_range=None, max_queries=20):
     """Draw how the gates evolve over epochs and write one PNG; returns its path.
 
     Args:
@@ -559,7 +616,9 @@ def plot_gate_evolution(paths_or_frame, out_path, by="layer", value_range=(-1.0,
             all tracked gate values, one line per layer (line style per run); ``"query"``: one panel
             per layer x gate kind, one line per tracked query (its mean gate), at most ``max_queries``
             queries (evenly subsampled).
-        value_range: y limits of gate values (symmetric [-1, 1] for tanh gates).
+        value_range: y limits of gate values: ``(lo, hi)`` or ``{kind: (lo, hi)}``; default: the gate
+            ranges the captures declare (``evolution_value_ranges``; [-1, 1] for tanh gates and for a
+            DataFrame). Axes widen to values outside.
     """
     if by not in EVOLUTION_PLOTS:
         raise ValueError(f"by must be one of {list(EVOLUTION_PLOTS)}, got {by!r}")
@@ -570,6 +629,11 @@ def plot_gate_evolution(paths_or_frame, out_path, by="layer", value_range=(-1.0,
         raise DataError("plot_gate_evolution: the evolution table is empty")
     if "run" not in df:
         df = df.assign(run="")
+    if value_range is None:
+        value_range = (-1.0, 1.0) if isinstance(paths_or_frame, pd.DataFrame) else \
+            evolution_value_ranges(paths_or_frame)
+    elif not isinstance(value_range, dict):
+        value_range = tuple(value_range)
     if by == "layer":
-        return _plot_by_layer(df, out_path, tuple(value_range))
-    return _plot_by_query(df, out_path, tuple(value_range), int(max_queries))
+        return _plot_by_layer(df, out_path, value_range)
+    return _plot_by_query(df, out_path, value_range, int(max_queries))

@@ -45,7 +45,7 @@ SUCCESS_IOU = 0.5
 ALL = "all"
 
 _ID = {"layer": "Fusion layer index, or 'all' for the mean of the query's per-layer values.",
-       "gate": "Gate kind: 'mha' (audio branch) or 'ffn' (FFN branch).",
+       "gate": "Gate kind: 'mha' (audio branch), 'ffn' (FFN branch) or 'beta' (v2 FiLM shift).",
        "name": "Dotted gate name 'layers.{layer}.gate_{gate}' ('layers.all.gate_{gate}' for all layers)."}
 
 CSV_COLUMNS = {
@@ -381,20 +381,22 @@ def write_performance(output_dir, frames):
 
 
 # -- plots ----------------------------------------------------------------------------------------
-def _zoomed_gate_lim(ax, x):
-    """x limits around the data (gate values; at least 0.4 wide, within [-1.05, 1.05])."""
+def _zoomed_gate_lim(ax, x, sc):
+    """x limits around the data (gate values; at least 20% of the range ``sc`` wide, within it + 2.5%)."""
     x = x[np.isfinite(x)]
+    width = sc.hi - sc.lo
     if not x.size:
-        ax.set_xlim(-1.02, 1.02)
+        ax.set_xlim(sc.lo - 0.01 * width, sc.hi + 0.01 * width)
         return
     lo, hi = float(x.min()), float(x.max())
-    pad = max(0.4 - (hi - lo), 0) / 2 + 0.05 * (hi - lo)
-    ax.set_xlim(max(lo - pad, -1.05), min(hi + pad, 1.05))
+    pad = max(0.2 * width - (hi - lo), 0) / 2 + 0.05 * (hi - lo)
+    ax.set_xlim(max(lo - pad, min(lo, sc.lo) - 0.025 * width), min(hi + pad, max(hi, sc.hi) + 0.025 * width))
 
 
-def plot_performance(perf, corr, output_dir):
+def plot_performance(perf, corr, output_dir, gate_ranges=None):
     """Scatter of the per-query mean gate (per layer and over all layers) vs top-1 IoU and vs the
-    audio-off effect, and the correlation heatmap; returns the written paths."""
+    audio-off effect, and the correlation heatmap; returns the written paths. Colours follow each
+    gate's declared range (``gate_ranges``; tanh [-1, 1] without)."""
     from . import plots as P
     plt = P.plt
     out = os.path.join(output_dir, "plots")
@@ -409,17 +411,18 @@ def plot_performance(perf, corr, output_dir):
     rows = [(y, kind) for y in ys for kind in kinds]
     fig, axes = plt.subplots(len(rows), len(layers), figsize=(3.3 * len(layers) + 1, 3.0 * len(rows) + 0.9),
                              layout=P.LAYOUT, squeeze=False, sharey="row")
-    cmap, norm, _ = P._cmap_norm((-1.0, 1.0))
     for i, ((y, label, ylim), kind) in enumerate(rows):
         for j, layer in enumerate(layers):
             ax = axes[i, j]
+            sc = P._scale(None, kind, gate_ranges, layer)
+            cmap, norm, _ = P._cmap_norm(sc)
             sel = perf[(perf["gate"] == kind) & (perf["layer"].astype(str) == str(layer))]
             x, yy = sel["gate_mean"].to_numpy(float), sel[y].to_numpy(float)
             ax.scatter(x, yy, c=x, cmap=cmap, norm=norm, s=20, edgecolors="0.3", linewidths=0.4)
             rho, p, n = _spearman(x, yy)
-            _zoomed_gate_lim(ax, x)
-            if ax.get_xlim()[0] < 0 < ax.get_xlim()[1]:
-                ax.axvline(0, color="0.3", lw=0.7)
+            _zoomed_gate_lim(ax, x, sc)
+            if sc.diverging and ax.get_xlim()[0] < sc.centre < ax.get_xlim()[1]:
+                ax.axvline(sc.centre, color="0.3", lw=0.7)
             if y.startswith("ablation"):
                 ax.axhline(0, color="0.3", lw=0.7)
             ax.set_ylim(*ylim)
@@ -428,7 +431,8 @@ def plot_performance(perf, corr, output_dir):
             if j == 0:
                 ax.set_ylabel(label, fontsize=9)
             ax.set_title(f"{gate_name(layer, kind)}\nrho {rho:+.2f} (p={p:.2g}, n={n})", fontsize=9, loc="left")
-    fig.suptitle("Per-query gate vs performance (colour: gate on the fixed [-1, 1] scale; x axis zoomed to the data)",
+    scale = "the fixed [-1, 1] scale" if not gate_ranges or P._all_tanh(gate_ranges) else "its declared range"
+    fig.suptitle(f"Per-query gate vs performance (colour: gate on {scale}; x axis zoomed to the data)",
                  fontsize=11)
     paths.append(P._save(fig, os.path.join(out, PLOT_FILES["scatter"])))
 
@@ -436,7 +440,7 @@ def plot_performance(perf, corr, output_dir):
     if len(c):
         c["row"] = [y if not iv else f"Δ MR AP [{iv}]" for y, iv in zip(c["y"], c["intervention"])]
         mat = c.pivot_table(index="row", columns="name", values="rho", sort=False)
-        mat = mat[[n for n in dict.fromkeys(c["name"]) if n in mat.columns]]  # perf order: mha before ffn
+        mat = mat[[n for n in dict.fromkeys(c["name"]) if n in mat.columns]]  # perf order: mha, ffn, beta
         fig, ax = plt.subplots(figsize=(1.25 * mat.shape[1] + 4.5, 0.38 * mat.shape[0] + 2.4), layout=P.LAYOUT)
         cmap_r = plt.get_cmap("RdBu_r").with_extremes(bad=P.PAD_COLOR)
         im = ax.imshow(mat.to_numpy(float), cmap=cmap_r, vmin=-1, vmax=1, aspect="auto", interpolation="nearest")
@@ -453,8 +457,9 @@ def plot_performance(perf, corr, output_dir):
     return paths
 
 
-def plot_failure_cases(pairs, perf, output_dir):
-    """Per layer and gate kind: mean gate of the failures vs their matched successes (paired lines)."""
+def plot_failure_cases(pairs, perf, output_dir, gate_ranges=None):
+    """Per layer and gate kind: mean gate of the failures vs their matched successes (paired lines);
+    y axis: the kind's declared range (``gate_ranges``)."""
     from . import plots as P
     plt = P.plt
     path = os.path.join(output_dir, "plots", PLOT_FILES["failure"])
@@ -472,20 +477,22 @@ def plot_failure_cases(pairs, perf, output_dir):
                        label="failures" if layer == layers[0] else None)
             ax.scatter(np.full(len(b), layer + 0.15), b, color="tab:blue", s=14, zorder=2,
                        label="matched successes" if layer == layers[0] else None)
-        ax.set_ylim(-1.05, 1.05)
-        ax.axhline(0, color="0.3", lw=0.7)
+        sc = P._scale(None, kind, gate_ranges)
+        P._value_lim(ax, sc, perf.loc[perf["gate"] == kind, "gate_mean"])
+        P._zero_line(ax, sc, axis="y")
         ax.set_xticks(layers)
         ax.set_xlabel("fusion layer")
         ax.set_ylabel("query mean gate")
-        ax.set_title(f"{P.KIND_LABEL.get(kind, kind)}", fontsize=10, loc="left")
+        ax.set_title(f"{P._kind_label(kind, sc.rng)}", fontsize=10, loc="left")
         ax.legend(fontsize=8)
     fig.suptitle(f"{len(pairs)} worst queries (top-1 IoU) vs successes matched on duration and window length",
                  fontsize=11)
     return P._save(fig, path)
 
 
-def plot_subset_comparison(comp, output_dir, label="subset"):
-    """Per-layer mean gate in vs out of the subset, and the per-query metrics of both groups."""
+def plot_subset_comparison(comp, output_dir, label="subset", gate_ranges=None):
+    """Per-layer mean gate in vs out of the subset (y axis: the kind's declared range), and the
+    per-query metrics of both groups."""
     from . import plots as P
     plt = P.plt
     path = os.path.join(output_dir, "plots", PLOT_FILES["subset"])
@@ -499,12 +506,13 @@ def plot_subset_comparison(comp, output_dir, label="subset"):
         x = s["layer"].astype(int).to_numpy()
         ax.plot(x, s["mean_in"], "o-", color="tab:orange", label=f"in {label} (n={int(s['n_in'].max())})")
         ax.plot(x, s["mean_out"], "s--", color="tab:gray", label=f"others (n={int(s['n_out'].max())})")
-        ax.set_ylim(-1.05, 1.05)
-        ax.axhline(0, color="0.3", lw=0.7)
+        sc = P._scale(None, kind, gate_ranges)
+        P._value_lim(ax, sc, np.concatenate([s["mean_in"].to_numpy(float), s["mean_out"].to_numpy(float)]))
+        P._zero_line(ax, sc, axis="y")
         ax.set_xticks(x)
         ax.set_xlabel("fusion layer")
         ax.set_ylabel("mean of per-query mean gate")
-        ax.set_title(P.KIND_LABEL.get(kind, kind), fontsize=10, loc="left")
+        ax.set_title(P._kind_label(kind, sc.rng), fontsize=10, loc="left")
         ax.legend(fontsize=8)
     if len(met):
         ax = axes[0, -1]

@@ -23,7 +23,7 @@ from qd_detr.checkpoint import file_sha256, load_checkpoint
 from qd_detr.cli import architecture_options
 from qd_detr.dataset import has_labels, read_jsonl
 from qd_detr.errors import ConfigError, DataError
-from qd_detr.gates import GateRecorder, fusion_gate_kinds, fusion_gating_type, fusion_num_layers
+from qd_detr.gates import GateRecorder, fusion_gate_kinds, fusion_gate_ranges, fusion_gating_type, fusion_num_layers
 from qd_detr.inference import build_dataset, evaluate, iterate_batches, make_batches, resolve_feature_dirs
 from qd_detr.model import NoFusionError
 from qd_detr.postprocess import submission_lines, write_json, write_jsonl
@@ -31,6 +31,7 @@ from qd_detr.research_options import describe_unknown
 
 from .background import OrderedWorker, PlotJob, release_freed_memory
 from .ground_truth import GroundTruthAccumulator
+from .ranges import DEFAULT_KINDS, TANH, describe_ranges, ranges_as_dict, ranges_from_meta, resolve_ranges
 from .stats import GateStatsAccumulator, write_stats_csvs
 from .store import GateStoreWriter, iter_shard_queries
 
@@ -152,7 +153,11 @@ def run_analysis(cfg, progress=True, log=print):
     fusion = model.fusion
     gating_type, num_layers = fusion_gating_type(fusion), fusion_num_layers(fusion)
     layers = list(range(num_layers))
-    interventions = _check_extended_options(cfg, num_layers, records)
+    interventions = _check_extended_options(cfg, num_layers, records, fusion_gate_kinds(fusion))
+    reproduction = None  # proof against the original run's predictions: file and data checked before the run
+    if cfg.legacy_model or cfg.original_predictions:
+        from .reproduction import prepare_reproduction
+        reproduction = prepare_reproduction(cfg.model_path, opt, dict(cfg), cfg.original_predictions)
 
     manifest = {
         "status": "running",
@@ -164,7 +169,8 @@ def run_analysis(cfg, progress=True, log=print):
                  "feature_dirs": dirs, "n_records": len(records), "n_queries": len(dataset),
                  "skipped_missing_features": [list(map(str, s)) for s in getattr(dataset, "skipped", [])]},
         "model": {"layout": model.layout, "gating_type": gating_type, "fusion_layers": num_layers,
-                  "hidden_dim": model.hidden_dim},
+                  "hidden_dim": model.hidden_dim, "gate_kinds": list(fusion_gate_kinds(fusion))},
+        "gate_ranges": ranges_as_dict(fusion_gate_ranges(fusion)),  # declared: thresholds, bins, colours follow
         "batching": {"policy": cfg.batching or "query", "n_batches": len(batches),
                      "batch_size": max(len(b) for b in batches)},
         "environment": {"torch": torch.__version__, "python": platform.python_version(), "device": str(device)},
@@ -177,10 +183,11 @@ def run_analysis(cfg, progress=True, log=print):
 
     meta = {r["qid"]: r for r in dataset.records}
     kinds = fusion_gate_kinds(model.fusion)
+    gate_ranges = fusion_gate_ranges(model.fusion)
     writer = GateStoreWriter(out, gating_type, num_layers, hidden_dim=model.hidden_dim, resume=bool(cfg.resume),
-                             overwrite=not cfg.resume, kinds=kinds,
+                             overwrite=not cfg.resume, kinds=kinds, gate_ranges=gate_ranges,
                              extra_meta={"model_path": os.path.abspath(cfg.model_path)})
-    acc = GateStatsAccumulator(gating_type, layers, kinds=kinds)
+    acc = GateStatsAccumulator(gating_type, layers, kinds=kinds, gate_ranges=gate_ranges)
     gt = GroundTruthAccumulator(dataset.records, gating_type, layers, kinds)
     partial = os.path.join(out, PARTIAL_PREDICTIONS_FILE)
     lines, loop_stats = _resume_state(out, partial, acc, gt, previous)
@@ -276,6 +283,8 @@ def run_analysis(cfg, progress=True, log=print):
                   "gates": "gates/", "csv": {k: os.path.relpath(v, out) for k, v in csvs.items()},
                   "plots": [os.path.relpath(p, out) for p in plot_paths]},
     })
+    if reproduction is not None:
+        manifest["reproduction"] = reproduction.run(model, progress=progress)
     _finish_extended(manifest, extended, out)
     _write_run_json(run_json, manifest)
     summary = format_summary(manifest, layer_table, acc.rankings(n=min(5, cfg.top_n or 10)), out)
@@ -287,13 +296,21 @@ def run_analysis(cfg, progress=True, log=print):
 
 
 def format_summary(manifest, layer_table, rankings, out):
-    """Short human summary: per-layer mean/std of each gate, top/bottom queries, where files are."""
+    """Short human summary: per-layer mean/std of each gate, what the values mean for this layout (from
+    the declared ranges; tanh [-1, 1] when the manifest has none), top/bottom queries, where files are."""
     m = manifest["model"]
     lines = [f"Gate analysis of {manifest['counts']['queries']} queries: {m['layout']} fusion, "
              f"{m['gating_type']} gating, {m['fusion_layers']} layers ({manifest['batching']['policy']} batching)"]
     q = layer_table[layer_table["weighting"] == "query"] if "weighting" in layer_table else layer_table
     for _, row in q.iterrows():
         lines.append(f"  {row['name']:<18} mean {row['mean']:+.4f}  std {row['std']:.4f}  (over per-query means)")
+    keys = list(dict.fromkeys(zip(q["layer"].astype(int), q["gate"].astype(str)))) if len(q) else []
+    declared = ranges_from_meta(manifest)
+    ranges = resolve_ranges(declared, sorted({l for l, _ in keys}), list(dict.fromkeys(k for _, k in keys)))
+    if keys:
+        note = "" if declared or all(r == TANH for r in ranges.values()) else " (no declared ranges: read as tanh)"
+        lines.append(f"  reading the gates{note} (thresholds: 10% of each gate's range):")
+        lines += [f"    {line}" for line in describe_ranges({k: ranges[k] for k in keys})]
     if manifest.get("metrics_brief"):
         b = manifest["metrics_brief"]
         lines.append("  metrics: " + ", ".join(f"{k} {b[k]}" for k in ("MR-full-mAP", "MR-full-R1@0.5",
@@ -317,17 +334,19 @@ def format_summary(manifest, layer_table, rankings, out):
     adapter = manifest["checkpoint"]["load_report"].get("legacy_adapter")
     if adapter:
         lines.append("  " + adapter["summary"])
+    if manifest.get("reproduction"):
+        lines.append("  reproduction " + manifest["reproduction"]["message"])
     lines.append(f"  outputs in {out}: run.json, {PREDICTIONS_FILE}, gate_*.csv, gates/, plots/")
     return "\n".join(lines)
 
 
 # -- beyond gate values: interventions, contributions, ground truth, performance, comparison ----------
-def _check_extended_options(cfg, num_layers, records):
+def _check_extended_options(cfg, num_layers, records, kinds=DEFAULT_KINDS):
     """Validate the options of the extended analyses before the main pass; returns the interventions."""
     interventions = []
     if cfg.ablate:
         from .ablation import parse_interventions
-        interventions = parse_interventions(cfg.ablate, cfg.ablate_layers, cfg.ablate_gates, num_layers)
+        interventions = parse_interventions(cfg.ablate, cfg.ablate_layers, cfg.ablate_gates, num_layers, kinds)
     if cfg.failure_cases and not any(has_labels(r) for r in records):
         raise ConfigError(f"--failure_cases needs labelled queries (relevant_windows); {cfg.data_path} has none")
     return interventions
@@ -366,7 +385,7 @@ def _run_extended_analyses(cfg, model, dataset, batches, device, acc, gt, lines,
         contrib_summary = AB.contribution_summary(contrib)
         files["contributions"] = AB.CONTRIBUTIONS_FILE
         if plots:
-            plot_paths += AB.plot_contributions(contrib, out, value_range=acc.value_range)
+            plot_paths += AB.plot_contributions(contrib, out, gate_ranges=acc.gate_ranges)
         t = AB.contrib_layer_table(contrib)
         summary.append("effective contribution (median over clips): " + ", ".join(
             f"{gate_name(r.layer, r.gate)} {r.median:.3g}" for r in t.itertuples()))
@@ -382,7 +401,7 @@ def _run_extended_analyses(cfg, model, dataset, batches, device, acc, gt, lines,
                                 "seed": cfg.ablate_seed or 0, "runs": info}
         files.update(ablation="ablation.csv", ablation_overall="ablation_overall.csv", ablation_predictions="ablation/")
         if plots:
-            plot_paths += AB.plot_ablation(ablation_pq, ablation_ov, out)
+            plot_paths += AB.plot_ablation(ablation_pq, ablation_ov, out, kinds=acc.kinds)
         for iv in interventions:
             b = info[iv.name]["metrics_brief"]
             if b and brief and "MR-full-mAP" in b:
@@ -399,8 +418,8 @@ def _run_extended_analyses(cfg, model, dataset, batches, device, acc, gt, lines,
     if gt_files:
         files.update(ground_truth="gate_ground_truth.csv", ground_truth_overall="gate_ground_truth_overall.csv")
         if plots:
-            plot_paths += GT.plot_ground_truth(gt_pq, gt_ov, out, records=records,
-                                               across=gt.across_queries(), n_examples=0)  # examples: PlotJob
+            plot_paths += GT.plot_ground_truth(gt_pq, gt_ov, out, records=records, across=gt.across_queries(),
+                                               n_examples=0, gate_ranges=acc.gate_ranges)  # examples: PlotJob
         pooled = gt_ov[(gt_ov["scope"] == "pooled") & (gt_ov["statistic"] == "auroc_inside")
                        & (gt_ov["measure"] == "gate")]
         if len(pooled):
@@ -427,16 +446,17 @@ def _run_extended_analyses(cfg, model, dataset, batches, device, acc, gt, lines,
                            f"(successful queries, top-1 IoU >= {PF.SUCCESS_IOU}: "
                            f"{int((per_query['top1_iou'] >= PF.SUCCESS_IOU).sum())})")
             if plots and len(pairs):
-                plot_paths.append(PF.plot_failure_cases(pairs, perf, out))
+                plot_paths.append(PF.plot_failure_cases(pairs, perf, out, gate_ranges=acc.gate_ranges))
         if subset_info and subset_info["mode"] == "split":
             feats = PF.query_gate_features(qs, contrib_summary)
             comp = PF.subset_comparison(PF.read_subset(cfg.subset), feats, perf, ablation_pq, lines, records)
             frames["gate_subset_comparison.csv"] = comp
             if plots:
-                plot_paths.append(PF.plot_subset_comparison(comp, out, os.path.basename(cfg.subset)))
+                plot_paths.append(PF.plot_subset_comparison(comp, out, os.path.basename(cfg.subset),
+                                                            gate_ranges=acc.gate_ranges))
         files.update({k.rsplit(".", 1)[0]: k for k in PF.write_performance(out, frames)})
         if plots and len(perf):
-            plot_paths += PF.plot_performance(perf, corr, out)
+            plot_paths += PF.plot_performance(perf, corr, out, gate_ranges=acc.gate_ranges)
     elif subset_info and subset_info["mode"] == "split":
         feats = PF.query_gate_features(acc.query_stats(), contrib_summary)
         comp = PF.subset_comparison(PF.read_subset(cfg.subset), feats, None, ablation_pq)

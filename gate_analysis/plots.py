@@ -2,13 +2,16 @@
 folder + ``os.replace``), closes the figure and returns the path. Backend Agg (set at import); never
 ``plt.show``.
 
-Reading the figures: gate values use a diverging colormap (``RdBu_r``) centred on 0 with the gate
-range as limits (default [-1, 1]): red = audio added (g > 0), blue = audio suppressed (g < 0),
-near-white = audio ignored (g ~ 0); grey cells = no value (padding: the video has no such clip).
-When a range does not contain 0 (v2 MHA gates lie in (0, scale)) a sequential colormap (viridis) is
-used instead. ``value_range`` is ``(lo, hi)`` or ``{kind: (lo, hi)}`` (``GateStatsAccumulator.value_range``);
-axes widen beyond it when data lie outside, never hiding values. Titles use the dotted gate names
-``layers.{layer}.gate_{kind}``.
+Reading the figures: colours and axes follow each gate's declared range (``gate_ranges``:
+{gate name: ``qd_detr.gates.GateRange``}, from the accumulator or the gate run; tanh [-1, 1] when none
+is declared). Signed gates (tanh, scaled tanh, FiLM) use a diverging colormap (``RdBu_r``) centred on
+their reference value 0: red = audio added (g > 0), blue = audio subtracted (g < 0), near-white =
+audio ignored (for the FiLM FFN gate: g = 0 is branch weight 1, not off). Sigmoid gates, never
+negative, use a sequential white-to-red scale from 0 (audio ignored) to their scale (fully used).
+Grey cells = no value (padding: the video has no such clip). An explicit ``value_range`` (``(lo, hi)``
+or ``{kind: (lo, hi)}``) replaces the declared limits; then the scale is diverging around 0 when it
+lies inside, viridis otherwise. Axes widen beyond the range when data lie outside, never hiding
+values. Titles use the dotted gate names ``layers.{layer}.gate_{kind}`` (kind ``mha``, ``ffn``, ``beta``).
 
 Inputs are the DataFrames of ``GateStatsAccumulator`` (``histograms()``, ``query_stats()``,
 ``layer_stats()``, ``dim_stats()``, ``rankings()``) and, for per-clip views, a ``GateRun`` or a
@@ -26,7 +29,10 @@ from matplotlib import colors as mcolors  # noqa: E402
 from matplotlib.collections import PolyCollection  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from .store import PER_CLIP_GATING_TYPES, gate_name  # noqa: E402
+from qd_detr.gates import GateRange  # noqa: E402
+
+from . import ranges as R  # noqa: E402
+from .store import GATE_KINDS, PER_CLIP_GATING_TYPES, gate_name  # noqa: E402
 
 __all__ = ["plot_layer_distributions", "plot_query_layer_heatmap", "plot_query_clip_heatmap", "plot_dim_profile",
            "plot_layer_evolution", "plot_sample_comparison", "plot_rankings", "plot_all", "PLOT_FILES",
@@ -42,8 +48,10 @@ PLOT_FILES = {
     "sample_comparison": "sample_comparison.png",
     "rankings": "rankings.png",
 }
-KIND_LABEL = {"mha": "MHA gate (audio cross-attention branch)", "ffn": "FFN gate (FFN branch)"}
-KIND_COLOR = {"mha": "tab:purple", "ffn": "tab:green"}
+KIND_LABEL = {"mha": "MHA gate (audio cross-attention branch)", "ffn": "FFN gate (FFN branch)",
+              "beta": "FiLM shift gate_beta (added to the FFN output)"}
+
+KIND_COLOR = {"mha": "tab:purple", "ffn": "tab:green", "beta": "tab:orange"}
 PAD_COLOR = "#b3b3b3"  # NaN / padding: neutral grey, distinct from the near-white of g ~ 0
 DPI = 100
 LAYOUT = "constrained"
@@ -51,14 +59,28 @@ _TMP_PREFIX = ".tmp-"
 
 
 # -- helpers -------------------------------------------------------------------------------------
-def _kind_label(kind):
+def _kind_label(kind, rng=None):
+    """Panel label of a gate kind; ``rng`` (the kind's GateRange) marks the FiLM FFN gate."""
+    if kind == "ffn" and rng is not None and rng.film:
+        return "FFN gate (FiLM: FFN branch weight 1 + g)"
     return KIND_LABEL.get(kind, f"{kind} gate")
+
+
+def _kind_short(kind, rng=None):
+    """A short panel label: ``gate_{kind}`` and its branch."""
+    if kind == "ffn" and rng is not None and rng.film:
+        return "gate_ffn (FiLM: weight 1 + g)"
+    return {"mha": "gate_mha (audio branch)", "ffn": "gate_ffn (FFN branch)",
+            "beta": "gate_beta (FiLM shift)"}.get(kind, f"gate_{kind}")
+
+
+def _kind_key(kind):
+    return GATE_KINDS.index(kind) if kind in GATE_KINDS else len(GATE_KINDS)
 
 
 def _kinds_in(df):
     kinds = list(dict.fromkeys(df["gate"].astype(str)))
-    order = [k for k in ("mha", "ffn") if k in kinds]
-    return order + [k for k in kinds if k not in order]
+    return sorted(kinds, key=_kind_key)
 
 
 def _layers_in(df):
@@ -67,6 +89,8 @@ def _layers_in(df):
 
 def _value_range(value_range, kind=None):
     """(lo, hi) of ``kind``; for a per-kind dict without ``kind``, the union of the ranges."""
+    if isinstance(value_range, _Scale):
+        return (value_range.lo, value_range.hi)
     if value_range is None:
         return (-1.0, 1.0)
     if isinstance(value_range, dict):
@@ -78,40 +102,113 @@ def _value_range(value_range, kind=None):
     return (float(value_range[0]), float(value_range[1]))
 
 
-def _same_range(value_range, kinds):
-    return len({_value_range(value_range, k) for k in kinds}) == 1
+class _Scale:
+    """Axis limits and colour convention of one panel: ``lo``/``hi``; ``centre`` (diverging red/blue
+    around it) or None (sequential); ``rng``/``kind``: the declared GateRange it follows (or None)."""
+
+    def __init__(self, lo, hi, centre=None, rng=None, kind=None):
+        self.lo, self.hi, self.centre, self.rng, self.kind = float(lo), float(hi), centre, rng, kind
+
+    @property
+    def diverging(self):
+        return self.centre is not None
+
+    def __eq__(self, other):
+        return isinstance(other, _Scale) and (self.lo, self.hi, self.centre, self.rng) == (
+            other.lo, other.hi, other.centre, other.rng)
+
+    def __hash__(self):
+        return hash((self.lo, self.hi, self.centre, self.rng))
+
+
+def _ranges_of(gate_ranges):
+    """{(layer, kind): GateRange} of ``gate_ranges`` (names or tuples, GateRange or dict), or {}."""
+    return {R.range_key(k): R.as_range(v) for k, v in (gate_ranges or {}).items()}
+
+
+def _scale(value_range=None, kind=None, gate_ranges=None, layer=None):
+    """The ``_Scale`` of a panel of gate ``kind`` (of ``layer``, or every layer when None).
+
+    With declared ranges (``gate_ranges``) and no explicit ``value_range``: limits = the declared range,
+    diverging around the reference value for signed gates, sequential 0..scale for sigmoid gates. An
+    explicit ``value_range`` sets the limits; then the scale is diverging around 0 when it lies inside."""
+    if isinstance(value_range, _Scale):
+        return value_range
+    ranges = _ranges_of(gate_ranges)
+    rng = None
+    if kind is not None and ranges:
+        if layer is not None and str(layer) != "all" and (int(layer), kind) in ranges:
+            rng = ranges[(int(layer), kind)]
+        elif any(k == kind for _, k in ranges):
+            rng = R.kind_range({key: r for key, r in ranges.items() if key[1] == kind}, kind)
+    if value_range is None and rng is not None:
+        lo, hi = rng.low, rng.high
+        if not lo < hi:
+            lo, hi = lo - 0.5, hi + 0.5
+        centre = R.reference(rng) if rng.signed and lo < R.reference(rng) < hi else None
+        return _Scale(lo, hi, centre, rng, kind)
+    lo, hi = _value_range(value_range, kind)
+    return _Scale(lo, hi, 0.0 if lo < 0 < hi else None, None, kind)
+
+
+def _union_scale(scales):
+    """One scale covering ``scales``: the same convention when they share one (e.g. sigmoid gates of
+    different scales), else diverging around 0 when any is diverging and 0 lies inside."""
+    scales = list(scales)
+    if len(set(scales)) == 1:
+        return scales[0]
+    lo, hi = min(s.lo for s in scales), max(s.hi for s in scales)
+    rngs = [s.rng for s in scales]
+    kinds = {s.kind for s in scales}
+    if all(r is not None for r in rngs) and len({(r.activation, r.film, r.off) for r in rngs}) == 1:
+        r = rngs[0]
+        rng = GateRange(r.activation, lo, hi, off=r.off, film=r.film)
+        centre = R.reference(rng) if rng.signed and lo < R.reference(rng) < hi else None
+        return _Scale(lo, hi, centre, rng, kinds.pop() if len(kinds) == 1 else None)
+    return _Scale(lo, hi, 0.0 if lo < 0 < hi and any(s.diverging for s in scales) else None)
+
+
+def _same_range(value_range, kinds, gate_ranges=None):
+    return len({_scale(value_range, k, gate_ranges) for k in kinds}) == 1
 
 
 def _cmap_norm(value_range, kind=None):
-    """(cmap, norm, diverging) for gate values: RdBu_r centred on 0 when the range contains 0."""
-    lo, hi = _value_range(value_range, kind)
-    if lo < 0 < hi:
+    """(cmap, norm, diverging) for gate values: ``RdBu_r`` around the scale's centre (signed gates),
+    white-to-red from 0 to scale for declared sigmoid gates, viridis for other ranges without 0 inside."""
+    sc = _scale(value_range, kind)
+    lo, hi = sc.lo, sc.hi
+    if sc.diverging:
         cmap = plt.get_cmap("RdBu_r")
-        norm = mcolors.Normalize(lo, hi) if math.isclose(-lo, hi) else mcolors.TwoSlopeNorm(0.0, lo, hi)
-        diverging = True
+        c = sc.centre
+        norm = mcolors.Normalize(lo, hi) if math.isclose(c - lo, hi - c) else mcolors.TwoSlopeNorm(c, lo, hi)
+    elif sc.rng is not None and sc.rng.activation == "sigmoid":
+        cmap = plt.get_cmap("Reds" if hi > 0 else "Reds_r")
+        norm = mcolors.Normalize(lo, hi)
     else:
         cmap = plt.get_cmap("viridis")
         norm = mcolors.Normalize(lo, hi)
-        diverging = False
-    return cmap.with_extremes(bad=PAD_COLOR), norm, diverging
+    return cmap.with_extremes(bad=PAD_COLOR), norm, sc.diverging
 
 
 def _value_label(value_range, what="gate value", kind=None):
-    lo, hi = _value_range(value_range, kind)
-    if lo < 0 < hi:
+    sc = _scale(value_range, kind)
+    if sc.rng is not None:
+        return f"{what}\n({R.short_meaning(sc.rng, sc.kind)})"
+    if sc.diverging:
         return f"{what} (+ audio added, − suppressed, 0 ignored)"
-    return f"{what} (range [{lo:g}, {hi:g}])"
+    return f"{what} (range [{sc.lo:g}, {sc.hi:g}])"
 
 
 def _colorbar(fig, mappable, ax, value_range, what="gate value", kind=None):
     cb = fig.colorbar(mappable, ax=ax, fraction=0.04, pad=0.02)
-    cb.set_label(_value_label(value_range, what, kind))
+    label = _value_label(value_range, what, kind)
+    cb.set_label(label, fontsize=8 if label.count("\n") > 1 else 9)
     return cb
 
 
 def _value_lim(ax, value_range, data=(), axis="y", kind=None):
     """Axis limits = the gate range (2% margin), widened to include ``data`` outside it."""
-    lo, hi = _value_range(value_range, kind)
+    lo, hi = _value_range(_scale(value_range, kind), kind)
     d = np.asarray([v for v in np.ravel(np.asarray(data, dtype=float)) if np.isfinite(v)])
     if d.size:
         lo, hi = min(lo, float(d.min())), max(hi, float(d.max()))
@@ -120,9 +217,25 @@ def _value_lim(ax, value_range, data=(), axis="y", kind=None):
 
 
 def _zero_line(ax, value_range, axis="x", kind=None):
-    lo, hi = _value_range(value_range, kind)
-    if lo < 0 < hi:
-        (ax.axvline if axis == "x" else ax.axhline)(0, color="0.3", lw=0.8, zorder=0)
+    """A line at the scale's centre (0: the gate's off value; FiLM FFN gate: weight 1), diverging only."""
+    sc = _scale(value_range, kind)
+    if sc.diverging:
+        (ax.axvline if axis == "x" else ax.axhline)(sc.centre, color="0.3", lw=0.8, zorder=0)
+
+
+def _near_band(sc, near_zero):
+    """(lo, hi) of the near-zero band of a panel (|g - r| <= near_zero * m, clipped to the range), or None."""
+    if not near_zero:
+        return None
+    if sc.rng is None:
+        return (-near_zero, near_zero) if sc.diverging else None
+    r, m = R.reference(sc.rng), sc.rng.magnitude or 1.0
+    lo, hi = max(r - near_zero * m, sc.lo), min(r + near_zero * m, sc.hi)
+    return (lo, hi) if lo < hi else None
+
+
+def _all_tanh(gate_ranges):
+    return all(r == R.TANH for r in _ranges_of(gate_ranges).values())
 
 
 def _save(fig, path, dpi=DPI, **savefig_kwargs):
@@ -161,7 +274,7 @@ def _short(s, n=22):
 class _MappingSource:
     """Adapter giving a ``{id: {(layer, kind): array}}`` mapping the GateRun interface used here."""
 
-    def __init__(self, mapping, gating_type=None, vids=None):
+    def __init__(self, mapping, gating_type=None, vids=None, gate_ranges=None):
         self._gates = {}
         for qid, g in mapping.items():
             g = getattr(g, "gates", g)  # accept GateRecord-like objects
@@ -170,8 +283,8 @@ class _MappingSource:
         self.vids = {q: (vids or {}).get(q, "") for q in self.qids}
         keys = set().union(*[set(g) for g in self._gates.values()]) if self._gates else set()
         self.layers = sorted({l for l, _ in keys})
-        kinds = {k for _, k in keys}
-        self.kinds = tuple([k for k in ("mha", "ffn") if k in kinds] + sorted(kinds - {"mha", "ffn"}))
+        self.kinds = tuple(sorted({k for _, k in keys}, key=lambda k: (_kind_key(k), k)))
+        self.gate_ranges = dict(gate_ranges or {})
         arrays = [a for g in self._gates.values() for a in g.values()]
         if gating_type is not None:
             self.gating_type = gating_type
@@ -215,31 +328,35 @@ def _heatmap_height(n_rows):
 
 # -- figures -------------------------------------------------------------------------------------
 def plot_layer_distributions(histograms_df, query_stats_df, path, value_range=None, gating_type=None,
-                             near_zero=0.1):
+                             near_zero=0.1, gate_ranges=None):
     """Per layer (rows) and gate kind (columns): the exact histogram of all gate values (fraction of
     values per bin, bars coloured by value; out-of-range and NaN counts written in the panel), and a
-    bottom row with violins (+ points when few) of the per-query mean gate per layer."""
+    bottom row with violins (+ points when few) of the per-query mean gate per layer. Each panel's x axis
+    is its histogram's range; colours follow the declared ``gate_ranges``; the grey band marks the
+    near-zero values (``near_zero`` times the range magnitude around the reference value)."""
     h = histograms_df
     if len(h) == 0:
         raise ValueError("plot_layer_distributions: the histograms frame is empty (no queries accumulated)")
     kinds, layers = _kinds_in(h), _layers_in(h)
-    bins_df = h[h["bin_type"] == "bin"]
-    if value_range is None:  # the histogram's own range, per kind
-        value_range = {k: (float(bins_df.loc[bins_df["gate"] == k, "bin_left"].min()),
-                           float(bins_df.loc[bins_df["gate"] == k, "bin_right"].max())) for k in kinds}
     qs = query_stats_df
     nrow, ncol = len(layers) + 1, len(kinds)
     fig, axes = plt.subplots(nrow, ncol, layout=LAYOUT, figsize=(5.6 * ncol, 1.9 * len(layers) + 3.4),
                              squeeze=False, gridspec_kw={"height_ratios": [1] * len(layers) + [1.6]})
-    any_diverging = False
+    any_band = False
     for j, kind in enumerate(kinds):
-        cmap, norm, diverging = _cmap_norm(value_range, kind)
-        any_diverging |= diverging
-        lo, hi = _value_range(value_range, kind)
         for i, layer in enumerate(layers):
             ax = axes[i, j]
             sel = h[(h["layer"] == layer) & (h["gate"] == kind)]
             b = sel[sel["bin_type"] == "bin"]
+            # the panel's range: its histogram's own bins (the declared range unless value_range was set)
+            sc = _scale(value_range, kind, gate_ranges, layer)
+            own = (float(b["bin_left"].min()), float(b["bin_right"].max())) if len(b) else (sc.lo, sc.hi)
+            if own != (sc.lo, sc.hi):
+                inside = sc.diverging and own[0] < sc.centre < own[1]
+                centre = sc.centre if inside else (0.0 if sc.rng is None and own[0] < 0 < own[1] else None)
+                sc = _Scale(own[0], own[1], centre, sc.rng, kind)
+            cmap, norm, _ = _cmap_norm(sc)
+            lo, hi = sc.lo, sc.hi
             total = int(sel["count"].sum())
             left, right = b["bin_left"].to_numpy(float), b["bin_right"].to_numpy(float)
             frac = b["count"].to_numpy(float) / max(total, 1)
@@ -249,9 +366,11 @@ def plot_layer_distributions(histograms_df, query_stats_df, path, value_range=No
                               np.stack([right, frac], 1), np.stack([right, zero], 1)], axis=1)
             ax.add_collection(PolyCollection(verts, facecolors=cmap(norm((left + right) / 2)), edgecolors="none"))
             ax.set_ylim(0, max(float(frac.max()) if frac.size else 0.0, 1e-9) * 1.25)
-            if diverging and near_zero:
-                ax.axvspan(-near_zero, near_zero, color="0.9", zorder=0)
-            _zero_line(ax, value_range, kind=kind)
+            band = _near_band(sc, near_zero)
+            if band is not None:
+                ax.axvspan(*band, color="0.9", zorder=0)
+                any_band = True
+            _zero_line(ax, sc)
             ax.set_xlim(lo, hi)
             ax.set_title(gate_name(layer, kind), fontsize=10, loc="left")
             if j == 0:
@@ -261,6 +380,8 @@ def plot_layer_distributions(histograms_df, query_stats_df, path, value_range=No
             if len(q):
                 w = q["count"].to_numpy(float)
                 info.append(f"mean {np.nansum(q['mean'].to_numpy(float) * w) / max(w.sum(), 1):+.3f}")
+            if sc.rng is not None and sc.rng != R.TANH:
+                info.append(f"range [{sc.rng.low:.3g}, {sc.rng.high:.3g}]")
             extra = {t: int(sel.loc[sel["bin_type"] == t, "count"].sum()) for t in ("underflow", "overflow", "nan")}
             if extra["underflow"] or extra["overflow"]:
                 info.append(f"outside range: {extra['underflow']:,} below, {extra['overflow']:,} above")
@@ -289,17 +410,25 @@ def plot_layer_distributions(histograms_df, query_stats_df, path, value_range=No
             if d.size and (k not in ok or d.size <= 60):
                 jitter = (np.random.default_rng(k).random(d.size) - 0.5) * 0.25 if d.size > 1 else 0
                 ax.scatter(layers[k] + jitter, d, s=10, color="k", alpha=0.6, zorder=3)
-        _zero_line(ax, value_range, axis="y", kind=kind)
-        _value_lim(ax, value_range, np.concatenate(data) if data else [], kind=kind)
+        sc = _scale(value_range, kind, gate_ranges)
+        _zero_line(ax, sc, axis="y")
+        _value_lim(ax, sc, np.concatenate(data) if data else [])
         ax.set_xticks(layers)
         ax.set_xlabel("fusion layer")
         ax.set_ylabel("per-query mean gate")
         n_q = max((d.size for d in data), default=0)
-        ax.set_title(f"{_kind_label(kind)}: per-query mean, {n_q:,} queries", fontsize=10, loc="left")
+        ax.set_title(f"{_kind_label(kind, sc.rng)}: per-query mean, {n_q:,} queries" if len(kinds) < 3 else
+                     f"{_kind_short(kind, sc.rng)}: per-query mean, {n_q:,} queries", fontsize=10, loc="left")
     gt = f" ({gating_type} gating)" if gating_type else ""
-    band = f"; grey band: near zero (|g| ≤ {near_zero:g})" if any_diverging and near_zero else ""
+    band = ""
+    if any_band and (not gate_ranges or _all_tanh(gate_ranges)):
+        band = f"\ngrey band: near zero (|g| ≤ {near_zero:g}, audio ignored)"
+    elif any_band:
+        film = any(r.film for r in _ranges_of(gate_ranges).values())
+        band = (f"\ngrey band: near zero, |g| ≤ {near_zero:.0%} of the gate's range (audio ignored"
+                + ("; FiLM FFN gate: weight ≈ 1, not off" if film else "") + ")")
     fig.suptitle(f"Gate value distributions per layer{gt}\nexact histograms over all values "
-                 f"(bars coloured by value{band}) and per-query means", fontsize=12)
+                 f"(bars coloured by value) and per-query means{band}", fontsize=12)
     return _save(fig, path)
 
 
@@ -317,10 +446,11 @@ def _query_matrix(query_stats_df, kind, layers):
     return m, [k[0] for k in keys]
 
 
-def plot_query_layer_heatmap(query_stats_df, path, max_queries=200, value_range=None):
+def plot_query_layer_heatmap(query_stats_df, path, max_queries=200, value_range=None, gate_ranges=None):
     """Queries x layers heatmap of the per-query mean gate, one panel per gate kind (shared colour
-    scale when the kinds share a range). qids label the rows when at most 60 are shown; above
-    ``max_queries`` an evenly spaced subset (recorded order) is drawn and the title says so."""
+    scale when the kinds share a range; a kind's scale covers its layers' declared ranges). qids label
+    the rows when at most 60 are shown; above ``max_queries`` an evenly spaced subset (recorded order)
+    is drawn and the title says so."""
     if len(query_stats_df) == 0:
         raise ValueError("plot_query_layer_heatmap: the query_stats frame is empty")
     kinds, layers = _kinds_in(query_stats_df), _layers_in(query_stats_df)
@@ -328,18 +458,19 @@ def plot_query_layer_heatmap(query_stats_df, path, max_queries=200, value_range=
     n_total = len(mats[kinds[0]][1])
     idx = _subsample(n_total, max_queries)
     n = idx.size
-    shared = _same_range(value_range, kinds)
+    scales = {k: _scale(value_range, k, gate_ranges) for k in kinds}
+    shared = len(set(scales.values())) == 1
     width = 2.2 + 1.1 * len(layers) * len(kinds) + (1.5 if shared else 1.5 * len(kinds))
     fig, axes = plt.subplots(1, len(kinds), layout=LAYOUT, figsize=(width, _heatmap_height(n)), squeeze=False,
                              sharey=True)
     for j, kind in enumerate(kinds):
         m, qids = mats[kind]
         ax = axes[0, j]
-        cmap, norm, _ = _cmap_norm(value_range, kind)
+        cmap, norm, _ = _cmap_norm(scales[kind])
         im = ax.imshow(m[idx], aspect="auto", interpolation="nearest", cmap=cmap, norm=norm)
         ax.set_xticks(range(len(layers)), [str(l) for l in layers])
         ax.set_xlabel("fusion layer")
-        ax.set_title(_kind_label(kind).replace(" (", "\n("), fontsize=10)
+        ax.set_title(_kind_label(kind, scales[kind].rng).replace(" (", "\n("), fontsize=10)
         if j == 0:
             if n <= 60:
                 ax.set_yticks(range(n), [f"qid {qids[i]}" for i in idx], fontsize=7)
@@ -348,20 +479,24 @@ def plot_query_layer_heatmap(query_stats_df, path, max_queries=200, value_range=
                 ax.set_ylabel(f"queries (row = one query, recorded order; {n:,} rows)")
                 ax.set_yticks([])
         if not shared:
-            _colorbar(fig, im, ax, value_range, f"mean {kind.upper()} gate", kind)
+            _colorbar(fig, im, ax, scales[kind], f"mean gate_{kind}")
     if shared:
-        _colorbar(fig, im, axes[0, :].tolist(), value_range, "mean gate of the query", kinds[0])
+        _colorbar(fig, im, axes[0, :].tolist(), scales[kinds[0]], "mean gate of the query")
     note = (f"\n{n:,} of {n_total:,} queries shown (evenly spaced, recorded order)" if n < n_total
             else f" ({n_total:,} queries)")
     fig.suptitle(f"Mean gate per query and layer{note}", fontsize=11)
     return _save(fig, path)
 
 
-def plot_query_clip_heatmap(gate_run, layer, kind, path, qids=None, max_queries=100, value_range=None):
+def plot_query_clip_heatmap(gate_run, layer, kind, path, qids=None, max_queries=100, value_range=None,
+                            gate_ranges=None):
     """Queries x clips heatmap of one gate (``layers.{layer}.gate_{kind}``) for clipwise or
     elementwise gating (elementwise averaged over the D dims). Clips beyond a video's end are NaN and
-    drawn grey. ``qids``: rows to show (default: up to ``max_queries`` evenly spaced queries)."""
+    drawn grey. ``qids``: rows to show (default: up to ``max_queries`` evenly spaced queries). Colours
+    follow the gate's declared range (``gate_ranges``, default: the gate run's)."""
     src = _source(gate_run)
+    if gate_ranges is None:
+        gate_ranges = getattr(src, "gate_ranges", None)
     if src.gating_type not in PER_CLIP_GATING_TYPES:
         raise ValueError(f"plot_query_clip_heatmap needs clipwise or elementwise gates; this run has "
                          f"{src.gating_type!r} gating (one gate per query)")
@@ -375,7 +510,8 @@ def plot_query_clip_heatmap(gate_run, layer, kind, path, qids=None, max_queries=
     m = np.full((len(rows), max(t_max, 1)), np.nan)  # NaN = padding (no such clip)
     for i, r in enumerate(rows):
         m[i, :r.size] = r
-    cmap, norm, _ = _cmap_norm(value_range, kind)
+    sc = _scale(value_range, kind, gate_ranges, layer)
+    cmap, norm, _ = _cmap_norm(sc)
     n = len(rows)
     fig, ax = plt.subplots(layout=LAYOUT, figsize=(min(max(0.12 * t_max + 3.5, 7.5), 16), _heatmap_height(n)))
     im = ax.imshow(m, aspect="auto", interpolation="nearest", cmap=cmap, norm=norm)
@@ -386,7 +522,7 @@ def plot_query_clip_heatmap(gate_run, layer, kind, path, qids=None, max_queries=
     else:
         ax.set_yticks([])
         ax.set_ylabel(f"queries (row = one query; {n:,} rows)")
-    _colorbar(fig, im, ax, value_range, kind=kind)
+    _colorbar(fig, im, ax, sc)
     ax.legend(handles=[Patch(facecolor=PAD_COLOR, label="no clip (video shorter)")], loc="upper right",
               fontsize=8, framealpha=0.9)
     how = " (mean over feature dims)" if src.gating_type == "elementwise" else ""
@@ -395,16 +531,17 @@ def plot_query_clip_heatmap(gate_run, layer, kind, path, qids=None, max_queries=
     return _save(fig, path)
 
 
-def plot_dim_profile(dim_stats_df, path, value_range=None):
+def plot_dim_profile(dim_stats_df, path, value_range=None, gate_ranges=None):
     """Elementwise gates: per feature dimension, mean ± std over all valid clips of all queries; one
-    panel per layer (rows) and gate kind (columns)."""
+    panel per layer (rows) and gate kind (columns; y axis: the kind's declared range)."""
     if len(dim_stats_df) == 0:
         raise ValueError("plot_dim_profile: no per-dimension statistics (only elementwise gating has them)")
     kinds, layers = _kinds_in(dim_stats_df), _layers_in(dim_stats_df)
     fig, axes = plt.subplots(len(layers), len(kinds), layout=LAYOUT, squeeze=False, sharex=True,
-                             sharey=_same_range(value_range, kinds),
+                             sharey=_same_range(value_range, kinds, gate_ranges),
                              figsize=(6.5 * len(kinds), 2.1 * len(layers) + 1.2))
     for j, kind in enumerate(kinds):
+        sc = _scale(value_range, kind, gate_ranges)
         dk = dim_stats_df[dim_stats_df["gate"] == kind]
         band = np.concatenate([dk["mean"] - dk["std"], dk["mean"] + dk["std"]])
         for i, layer in enumerate(layers):
@@ -415,8 +552,8 @@ def plot_dim_profile(dim_stats_df, path, value_range=None):
             color = KIND_COLOR.get(kind, "tab:blue")
             ax.fill_between(x, mu - sd, mu + sd, color=color, alpha=0.25, lw=0, label="± std")
             ax.plot(x, mu, color=color, lw=1.0, label="mean")
-            _zero_line(ax, value_range, axis="y", kind=kind)
-            _value_lim(ax, value_range, band, kind=kind)
+            _zero_line(ax, sc, axis="y")
+            _value_lim(ax, sc, band)
             ax.set_title(gate_name(layer, kind), fontsize=10, loc="left")
             if j == 0:
                 ax.set_ylabel("gate value")
@@ -429,10 +566,11 @@ def plot_dim_profile(dim_stats_df, path, value_range=None):
     return _save(fig, path)
 
 
-def plot_layer_evolution(layer_stats_df, path, value_range=None):
+def plot_layer_evolution(layer_stats_df, path, value_range=None, gate_ranges=None):
     """Across layers (x = layer): (1) mean gate ± std and (2) std, for each gate kind, query-weighted
     (solid) and clip-weighted (dashed); (3) clip-weighted fractions of values that are negative /
-    near zero / positive per layer and kind (stacked; they sum to 1 unless there are NaN values)."""
+    near zero / positive per layer and kind (stacked; they sum to 1 unless there are NaN values;
+    thresholds relative to each gate's declared range, and no negative part for sigmoid gates)."""
     ls = layer_stats_df
     if len(ls) == 0:
         raise ValueError("plot_layer_evolution: the layer_stats frame is empty")
@@ -446,13 +584,14 @@ def plot_layer_evolution(layer_stats_df, path, value_range=None):
             if not len(d):
                 continue
             x = d["layer"].to_numpy(float) + (w_i - 0.5) * 0.08 + (k_i - 0.5) * 0.02
-            lbl = f"{kind.upper()}, {weighting}-weighted"
+            lbl = f"gate_{kind}, {weighting}-weighted"
             axes[0].errorbar(x, d["mean"], yerr=d["std"], color=KIND_COLOR.get(kind), capsize=3, label=lbl,
                              **style[weighting])
             axes[1].plot(d["layer"], d["std"], color=KIND_COLOR.get(kind), label=lbl, **style[weighting])
             extent += list(d["mean"] - d["std"]) + list(d["mean"] + d["std"])
-    _zero_line(axes[0], value_range, axis="y")
-    _value_lim(axes[0], value_range, extent)
+    sc = _union_scale([_scale(value_range, k, gate_ranges) for k in kinds])
+    _zero_line(axes[0], sc, axis="y")
+    _value_lim(axes[0], sc, extent)
     axes[0].set_title("mean gate ± std", fontsize=10)
     axes[0].set_ylabel("gate value")
     axes[1].set_title("std of the gate (population)", fontsize=10)
@@ -465,37 +604,52 @@ def plot_layer_evolution(layer_stats_df, path, value_range=None):
     ax = axes[2]
     width = 0.8 / max(len(kinds), 1)
     rdbu = plt.get_cmap("RdBu_r")
-    parts = [("frac_negative", "negative (audio suppressed)", rdbu(0.1)),
-             ("frac_near_zero", "near zero (ignored)", "0.85"),
-             ("frac_positive", "positive (audio added)", rdbu(0.9))]
+    ranges = _ranges_of(gate_ranges).values()
+    plain = not gate_ranges or _all_tanh(gate_ranges)
+    film = any(r.film for r in ranges)
+    sigmoid = any(r.activation == "sigmoid" for r in ranges)
+    signed = ls["frac_negative"].notna().any()
+    parts = [("frac_negative", "negative (audio subtracted" + ("; FiLM FFN: weight < 1" if film else "") + ")",
+              rdbu(0.1)),
+             ("frac_near_zero", "near zero (ignored)" if plain else
+              "near zero (ignored" + ("; FiLM FFN: weight ≈ 1, not off" if film else "") + ")", "0.85"),
+             ("frac_positive", "positive (audio added" + ("; sigmoid: used" if sigmoid else "")
+              + ("; FiLM FFN: weight > 1" if film else "") + ")", rdbu(0.9))]
+    if not signed:
+        parts = parts[1:]
     ticks, ticklabels = [], []
     for k_i, kind in enumerate(kinds):
         d = ls[(ls["gate"] == kind) & (ls["weighting"] == "clip")].sort_values("layer")
         x = d["layer"].to_numpy(float) + (k_i - (len(kinds) - 1) / 2) * width
         bottom = np.zeros(len(d))
         for col, label, color in parts:
-            v = d[col].to_numpy(float)
+            v = np.nan_to_num(d[col].to_numpy(float))  # NaN: the gate cannot take such values
             ax.bar(x, v, width * 0.92, bottom=bottom, color=color, edgecolor="white", lw=0.5,
                    label=label if k_i == 0 else None)
             bottom += v
         ticks += list(x)
-        ticklabels += [f"{l}\n{kind.upper()}" for l in d["layer"]]
+        ticklabels += [f"{l}\ngate_{kind}" for l in d["layer"]]
     ax.set_xticks(ticks, ticklabels, fontsize=8)
     ax.set_xlabel("fusion layer / gate kind")
     ax.set_ylabel("fraction of values (clip-weighted)")
-    ax.set_ylim(0, 1)
-    ax.set_title("sign of the gate values", fontsize=10)
-    ax.legend(fontsize=8, loc="upper right", framealpha=0.9)
+    ax.set_ylim(0, 1.32)
+    ax.set_yticks(np.linspace(0, 1, 6))
+    ax.set_title("sign of the gate values" if plain else
+                 "gate values vs 0 (thresholds: 10% of each gate's range)", fontsize=10)
+    ax.legend(fontsize=8, loc="upper center", framealpha=0.9, ncol=1)
     fig.suptitle("Gates across fusion layers (query-weighted: each query counts once; clip-weighted: all values)",
                  fontsize=12)
     return _save(fig, path)
 
 
-def plot_sample_comparison(gate_run_or_mapping, qids, path, value_range=None, max_samples=10):
+def plot_sample_comparison(gate_run_or_mapping, qids, path, value_range=None, max_samples=10, gate_ranges=None):
     """Selected queries side by side: per-layer mean gate (one panel per gate kind); for clipwise and
     elementwise gating also the per-clip gate profile of every layer (elementwise: mean over dims,
-    ± std over dims when at most 3 queries are shown)."""
+    ± std over dims when at most 3 queries are shown). Axes follow the declared ``gate_ranges``
+    (default: the gate run's)."""
     src = _source(gate_run_or_mapping)
+    if gate_ranges is None:
+        gate_ranges = getattr(src, "gate_ranges", None)
     qids = list(qids)
     if not qids:
         raise ValueError("plot_sample_comparison: no qids given")
@@ -516,12 +670,13 @@ def plot_sample_comparison(gate_run_or_mapping, qids, path, value_range=None, ma
             means = [float(np.mean(gates[q][(l, kind)], dtype=np.float64)) for l in layers]
             all_means += means
             ax.plot(layers, means, marker="o", color=colors(c % 10), label=_query_label(src, q))
-        _zero_line(ax, value_range, axis="y", kind=kind)
-        _value_lim(ax, value_range, all_means, kind=kind)
+        sc = _scale(value_range, kind, gate_ranges)
+        _zero_line(ax, sc, axis="y")
+        _value_lim(ax, sc, all_means)
         ax.set_xticks(layers)
         ax.set_xlabel("fusion layer")
         ax.set_ylabel("mean gate of the query")
-        ax.set_title(f"{_kind_label(kind)}: mean per layer", fontsize=10, loc="left")
+        ax.set_title(f"{_kind_label(kind, sc.rng)}: mean per layer", fontsize=10, loc="left")
         for i, layer in enumerate(layers if per_clip else []):
             ax = axes[i + 1, j]
             values = []
@@ -533,8 +688,9 @@ def plot_sample_comparison(gate_run_or_mapping, qids, path, value_range=None, ma
                 if arr.ndim == 2 and len(shown) <= 3:  # spread over dims; too cluttered for more queries
                     sd = arr.std(axis=1)
                     ax.fill_between(np.arange(y.size), y - sd, y + sd, color=colors(c % 10), alpha=0.12, lw=0)
-            _zero_line(ax, value_range, axis="y", kind=kind)
-            _value_lim(ax, value_range, np.concatenate(values), kind=kind)
+            sc = _scale(value_range, kind, gate_ranges, layer)
+            _zero_line(ax, sc, axis="y")
+            _value_lim(ax, sc, np.concatenate(values))
             ax.set_xlim(-0.5, t_max - 0.5)
             if j == 0:
                 ax.set_ylabel("gate value")
@@ -551,9 +707,10 @@ def plot_sample_comparison(gate_run_or_mapping, qids, path, value_range=None, ma
     return _save(fig, path)
 
 
-def plot_rankings(rankings_df, path, layer="all", value_range=None):
-    """Top and bottom queries by mean gate (horizontal bars, coloured by value), one panel per gate
-    kind; ``layer="all"`` ranks by the mean over all layers (MHA and FFN never mixed)."""
+def plot_rankings(rankings_df, path, layer="all", value_range=None, gate_ranges=None):
+    """Top and bottom queries by mean gate (horizontal bars, coloured by value on the gate's declared
+    range), one panel per gate kind; ``layer="all"`` ranks by the mean over all layers (gate kinds
+    never mixed)."""
     r = rankings_df[rankings_df["layer"].astype(str) == str(layer)]
     if len(r) == 0:
         raise ValueError(f"plot_rankings: no rankings for layer {layer!r}")
@@ -564,7 +721,8 @@ def plot_rankings(rankings_df, path, layer="all", value_range=None):
     where = "over all layers" if str(layer) == "all" else f"in layer {layer}"
     for j, kind in enumerate(kinds):
         ax = axes[0, j]
-        cmap, norm, _ = _cmap_norm(value_range, kind)
+        sc = _scale(value_range, kind, gate_ranges, layer)
+        cmap, norm, _ = _cmap_norm(sc)
         d = r[r["gate"] == kind]
         top = d[d["rank_type"] == "top"].sort_values("rank")
         bot = d[d["rank_type"] == "bottom"].sort_values("rank", ascending=False)  # lowest at the bottom
@@ -577,15 +735,14 @@ def plot_rankings(rankings_df, path, layer="all", value_range=None):
         ax.set_yticks(y, labels, fontsize=8)
         for yy, v in zip(y, vals):
             ax.text(v, yy, f" {v:+.3f} ", va="center", ha="left" if v >= 0 else "right", fontsize=7)
-        _zero_line(ax, value_range, kind=kind)
-        lo, hi = _value_range(value_range, kind)
-        lo, hi = min(lo, np.nanmin(vals)), max(hi, np.nanmax(vals))
+        _zero_line(ax, sc)
+        lo, hi = min(sc.lo, np.nanmin(vals)), max(sc.hi, np.nanmax(vals))
         pad = 0.18 * (hi - lo)
         ax.set_xlim(lo - pad if lo < 0 else lo, hi + pad)
         ax.set_xlabel(f"mean gate of the query {where}")
         ax.set_title(f"{gate_name(layer, kind)}: top {len(top)} / bottom {len(bot)}", fontsize=10, loc="left")
     scope = "all layers" if str(layer) == "all" else f"layer {layer}"
-    fig.suptitle(f"Queries with the highest and lowest mean gate ({scope}; MHA and FFN ranked separately)",
+    fig.suptitle(f"Queries with the highest and lowest mean gate ({scope}; each gate kind ranked separately)",
                  fontsize=12)
     return _save(fig, path)
 
@@ -625,35 +782,39 @@ def plot_all(acc, gate_run, output_dir, compare_qids=None, top_n=10, max_heatmap
         acc = GateStatsAccumulator.from_gate_run(gate_run)
     out = os.path.join(os.fspath(output_dir), "plots")
     os.makedirs(out, exist_ok=True)
-    vr = acc.value_range
+    vr = acc.value_range if acc.value_range_given else None  # else: the declared ranges
+    gr = acc.gate_ranges
     qs, ls, rk = acc.query_stats(), acc.layer_stats(), acc.rankings(top_n)
     if len(qs) == 0:
         raise ValueError("plot_all: the accumulator has no queries")
     f = PLOT_FILES
     paths = [
         plot_layer_distributions(acc.histograms(), qs, os.path.join(out, f["layer_distributions"]), vr,
-                                 gating_type=acc.gating_type, near_zero=acc.near_zero_threshold),
-        plot_query_layer_heatmap(qs, os.path.join(out, f["query_layer_heatmap"]), max_heatmap_queries, vr),
-        plot_layer_evolution(ls, os.path.join(out, f["layer_evolution"]), vr),
-        plot_rankings(rk, os.path.join(out, f["rankings"]), "all", vr),
+                                 gating_type=acc.gating_type, near_zero=acc.near_zero_threshold, gate_ranges=gr),
+        plot_query_layer_heatmap(qs, os.path.join(out, f["query_layer_heatmap"]), max_heatmap_queries, vr,
+                                 gate_ranges=gr),
+        plot_layer_evolution(ls, os.path.join(out, f["layer_evolution"]), vr, gate_ranges=gr),
+        plot_rankings(rk, os.path.join(out, f["rankings"]), "all", vr, gate_ranges=gr),
     ]
     dims = acc.dim_stats()
     if len(dims):
-        paths.append(plot_dim_profile(dims, os.path.join(out, f["dim_profile"]), vr))
+        paths.append(plot_dim_profile(dims, os.path.join(out, f["dim_profile"]), vr, gate_ranges=gr))
     if gate_run is not None:
         src = _source(gate_run)
         if src.gating_type in PER_CLIP_GATING_TYPES:
             # read the selected queries once, reduced to per-clip values, for all layer x kind heatmaps
             chosen = [src.qids[i] for i in _subsample(len(src.qids), max_clip_heatmap_queries)]
             reduced = _MappingSource({q: {key: _per_clip(a) for key, a in src.gates(q).items()} for q in chosen},
-                                     gating_type=src.gating_type, vids=getattr(src, "vids", None))
+                                     gating_type=src.gating_type, vids=getattr(src, "vids", None), gate_ranges=gr)
             for layer in src.layers:
                 for kind in src.kinds:
                     name = f["query_clip_heatmap"].format(layer=layer, kind=kind)
                     paths.append(plot_query_clip_heatmap(reduced, layer, kind, os.path.join(out, name),
-                                                         max_queries=max_clip_heatmap_queries, value_range=vr))
+                                                         max_queries=max_clip_heatmap_queries, value_range=vr,
+                                                         gate_ranges=gr))
         available = set(src.qids)
         qids = select_compare_qids(rk, available) if compare_qids is None else list(compare_qids)
         if qids:
-            paths.append(plot_sample_comparison(src, qids, os.path.join(out, f["sample_comparison"]), vr))
+            paths.append(plot_sample_comparison(src, qids, os.path.join(out, f["sample_comparison"]), vr,
+                                                gate_ranges=gr))
     return paths

@@ -127,6 +127,19 @@ def _take_plots(names, prefixes, used):
     return out
 
 
+def _ranges_html(run, folder, layer_table):
+    """What the gates' values mean for this layout: one line per gate kind and range (run.json's
+    ``gate_ranges``, else the gate store's; tanh [-1, 1] when neither records any)."""
+    from .ranges import describe_ranges, ranges_from_meta, resolve_ranges
+    declared = ranges_from_meta(run) or ranges_from_meta(_read_json(os.path.join(folder, "gates"), "meta.json"))
+    keys = list(dict.fromkeys(zip(layer_table["layer"].astype(int), layer_table["gate"].astype(str))))
+    ranges = resolve_ranges(declared, sorted({l for l, _ in keys}), list(dict.fromkeys(k for _, k in keys)))
+    lines = describe_ranges({k: ranges[k] for k in keys})
+    note = "" if declared else " (no ranges recorded: read as v1 tanh gates)"
+    items = "".join(f"<li>{_esc(line)}</li>" for line in lines)
+    return f"<p><b>Reading the gates{_esc(note)}:</b></p><ul class='muted'>{items}</ul>"
+
+
 def build_report(folder, run=None):
     """The report of ``folder`` as an HTML string; ``run``: the manifest to show instead of run.json."""
     folder = os.path.abspath(folder)
@@ -167,11 +180,18 @@ def build_report(folder, run=None):
         sections.append(("metrics", "Metrics (official QVHighlights evaluation)",
                          _table(pd.DataFrame([{"metric": k, "value": v} for k, v in brief.items()]))))
 
+    if run.get("reproduction"):  # gate_analysis.reproduction: the verdict against the original run's predictions
+        from .reproduction import reproduction_html
+        sections.append(("reproduction", "Reproduction of the original predictions",
+                         reproduction_html(run["reproduction"])))
+
     layer = _read_csv(folder, "gate_stats_per_layer.csv")
     if layer is not None and len(layer):
         q = layer[layer["weighting"] == "query"] if "weighting" in layer else layer
-        body = ("<p class='muted'>Statistics of the per-query mean gate (each query counts once). Gates are tanh "
-                "values: + adds audio, − suppresses it, ≈0 ignores it.</p>" +
+        body = ("<p class='muted'>Statistics of the per-query mean gate (each query counts once). Fractions: "
+                "positive / negative / near zero relative to 10% of each gate's declared range, saturated within 5% "
+                "of a bound (empty where the gate cannot take such values, e.g. negative sigmoid gates).</p>"
+                + _ranges_html(run, folder, q) +
                 _table(q, columns=["name", "n_queries", "mean", "std", "min", "max", "frac_positive", "frac_negative",
                                    "frac_near_zero", "frac_saturated"]))
         rk = _read_csv(folder, "gate_rankings.csv")

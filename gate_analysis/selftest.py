@@ -2,8 +2,9 @@
 
 ``quick_check``: for each fusion layout/gating type, builds a small model with project code, writes a
 checkpoint and generated QVHighlights-style data, runs the whole analysis pipeline and verifies its
-outputs (files present, gate values in [-1, 1], counts equal queries x layers x 2, stored gates
-readable). ``comprehensive_check``: the pytest suite plus end-to-end runs of every command-line tool.
+outputs (files present, gate values inside their declared ranges, counts equal queries x layers x
+gate kinds, stored gates readable). ``comprehensive_check``: the pytest suite plus end-to-end runs of
+every command-line tool.
 Each check is a (name, passed, detail) row.
 """
 import json
@@ -49,13 +50,23 @@ def _verify_run(out, n_queries, n_layers, plots=True):
         pngs = os.listdir(os.path.join(out, "plots")) if os.path.isdir(os.path.join(out, "plots")) else []
         rows.append(("plots written", len(pngs) >= 4, f"{len(pngs)} PNG files"))
     per_query = pd.read_csv(os.path.join(out, "gate_stats_per_query.csv"))
-    expected = n_queries * n_layers * 2
-    rows.append(("per-query rows = queries x layers x 2", len(per_query) == expected, f"{len(per_query)} == {expected}"))
     run = load_gate_run(out)
-    values = [run.gate(q, layer, kind) for q in run.qids for layer in run.layers for kind in ("mha", "ffn")]
-    lo, hi = min(float(v.min()) for v in values), max(float(v.max()) for v in values)
-    rows.append(("gate values in [-1, 1]", -1 <= lo and hi <= 1, f"min {lo:+.4f}, max {hi:+.4f}"))
-    rows.append(("raw gate arrays = queries x layers x 2", len(values) == expected, f"{len(values)} arrays"))
+    n_kinds = len(run.kinds)
+    expected = n_queries * n_layers * n_kinds
+    rows.append((f"per-query rows = queries x layers x {n_kinds}", len(per_query) == expected,
+                 f"{len(per_query)} == {expected}"))
+    values, outside = [], []
+    for layer in run.layers:
+        for kind in run.kinds:
+            rng = run.gate_range(layer, kind)
+            v = [run.gate(q, layer, kind) for q in run.qids]
+            values += v
+            lo, hi = min(float(a.min()) for a in v), max(float(a.max()) for a in v)
+            if lo < rng.low or hi > rng.high:
+                outside.append(f"layers.{layer}.gate_{kind} [{lo:+.4f}, {hi:+.4f}] not in [{rng.low:g}, {rng.high:g}]")
+    rows.append(("gate values inside their declared ranges", not outside, "; ".join(outside) or
+                 f"{len(run.gate_ranges)} gates checked"))
+    rows.append((f"raw gate arrays = queries x layers x {n_kinds}", len(values) == expected, f"{len(values)} arrays"))
     return rows
 
 

@@ -13,13 +13,16 @@ Conventions
 - Standard deviations are population std (ddof=0) everywhere, computed from float64 sums of the
   float32 values (count, sum, sum of squares), which is also what makes them mergeable.
 - Percentiles use numpy's default "linear" interpolation (``np.percentile``).
-- Thresholds (configurable): positive ``g > +0.1``, negative ``g < -0.1``, near zero ``|g| <= 0.1``,
-  saturated ``|g| > 0.95``.
-- Histograms: ``bins`` equal bins over ``value_range`` (default [-1, 1]; a dict ``{kind: (lo, hi)}``
-  gives each gate kind its own range, e.g. v2 ``{"mha": (0, scale), "ffn": (-alpha, alpha)}``); every
-  value goes to exactly one bin as ``np.histogram(values, bins, range=value_range)`` would put it (the
-  last bin includes its right edge). Values below/above the range are counted as underflow/overflow
-  and NaN values as nan, never clipped.
+- Every gate has a declared range (``gate_ranges``, ``qd_detr.gates.GateRange``; tanh [-1, 1] when
+  none is given). Thresholds are fractions of its magnitude m around its reference value r (0; see
+  ``gate_analysis.ranges``): positive ``g > r + 0.1 m``, negative ``g < r - 0.1 m`` (NaN for gates that
+  cannot be negative, e.g. sigmoid), near zero ``|g - r| <= 0.1 m``, saturated ``g > high - 0.05 m``
+  or ``g < low + 0.05 m``. For tanh gates: ``g > +0.1``, ``g < -0.1``, ``|g| <= 0.1``, ``|g| > 0.95``.
+- Histograms: ``bins`` equal bins over each gate's declared range [low, high] (tanh [-1, 1]), or over
+  ``value_range`` when given (``(lo, hi)`` for every gate, or ``{kind: (lo, hi)}``); every value goes
+  to exactly one bin as ``np.histogram(values, bins, range=(lo, hi))`` would put it (the last bin
+  includes its right edge). Values below/above the range are counted as underflow/overflow and NaN
+  values as nan, never clipped.
 - "query"-weighted layer statistics treat every query alike (statistics of the per-query means);
   "clip"-weighted statistics pool every gate value (a long video weighs more). For per-query gating
   (global) both pool one value per query, so they only differ in how std/min/max are defined.
@@ -30,11 +33,11 @@ import os
 import numpy as np
 import pandas as pd
 
-from .store import (GATE_KINDS, PER_CLIP_GATING_TYPES, _as_qid, _check_gating_type, _validate_gates,
-                    atomic_write_csv, gate_name)
+from .ranges import DEFAULT_KINDS, resolve_ranges, thresholds
+from .store import PER_CLIP_GATING_TYPES, _as_qid, _check_gating_type, _validate_gates, atomic_write_csv, gate_name
 
 __all__ = ["GateStatsAccumulator", "write_stats_csvs", "CSV_COLUMNS", "CSV_FILES", "QUERY_STAT_NAMES",
-           "accumulate_gate_run"]
+           "accumulate_gate_run", "csv_columns_markdown"]
 
 QUERY_STAT_NAMES = ("count", "mean", "std", "min", "p5", "p25", "median", "p75", "p95", "max",
                     "frac_positive", "frac_negative", "frac_near_zero", "frac_saturated")
@@ -43,13 +46,21 @@ _FRACS = ("frac_positive", "frac_negative", "frac_near_zero", "frac_saturated")
 _ALL = "all"
 
 _ID = {"layer": "Fusion layer index (0-based).",
-       "gate": "Gate kind: 'mha' scales the audio cross-attention branch, 'ffn' scales the FFN branch.",
+       "gate": "Gate kind: 'mha' scales the audio cross-attention branch, 'ffn' scales the FFN branch (v2 FiLM: "
+               "by 1 + g), 'beta' is the v2 FiLM shift added to the FFN output.",
        "name": "Dotted gate name 'layers.{layer}.gate_{gate}', as in code and plot titles."}
+#: How the fraction thresholds follow each gate's declared range (m, r: see gate_analysis.ranges).
+_RANGE_NOTE = ("where m is the magnitude of the gate's declared range (gate_ranges in gates/meta.json; tanh "
+               "[-1, 1] when none is recorded) and r its reference value 0")
 _FRAC_DOC = {
-    "frac_positive": "Fraction of values above the positive threshold (default g > +0.1: audio added).",
-    "frac_negative": "Fraction of values below the negative threshold (default g < -0.1: audio suppressed).",
-    "frac_near_zero": "Fraction of values with |g| <= the near-zero threshold (default 0.1: audio ignored).",
-    "frac_saturated": "Fraction of values with |g| above the saturation threshold (default 0.95).",
+    "frac_positive": f"Fraction of values with g > r + 0.1 m, {_RANGE_NOTE} (tanh: g > +0.1): audio added "
+                     "(sigmoid: used; FiLM FFN gate: branch weight above 1).",
+    "frac_negative": "Fraction of values with g < r - 0.1 m (tanh: g < -0.1): audio subtracted (FiLM FFN gate: "
+                     "weight below 1); empty for gates that cannot be negative (sigmoid).",
+    "frac_near_zero": "Fraction of values with |g - r| <= 0.1 m (tanh: |g| <= 0.1): audio ignored; for the FiLM "
+                      "FFN gate g near 0 means branch weight near 1, not off.",
+    "frac_saturated": "Fraction of values within 0.05 m of a bound of the range, g > high - 0.05 m or "
+                      "g < low + 0.05 m (tanh: |g| > 0.95; a sigmoid gate also near 0).",
 }
 
 #: Every CSV written by ``write_stats_csvs``: {file name: {column: one-sentence description}}.
@@ -82,19 +93,22 @@ CSV_COLUMNS = {
         "min": "'query': smallest per-query mean; 'clip': smallest value.",
         "max": "'query': largest per-query mean; 'clip': largest value.",
         "frac_positive": "'query': mean over queries of the per-query fraction; 'clip': fraction of all values; "
-                         "above the positive threshold (default +0.1).",
-        "frac_negative": "As frac_positive, below the negative threshold (default -0.1).",
-        "frac_near_zero": "As frac_positive, |g| <= the near-zero threshold (default 0.1).",
-        "frac_saturated": "As frac_positive, |g| above the saturation threshold (default 0.95).",
-        "n_underflow": "Values below the gate kind's histogram range lo (all queries; still included in the "
+                         f"with g > r + 0.1 m, {_RANGE_NOTE} (tanh: g > +0.1).",
+        "frac_negative": "As frac_positive, g < r - 0.1 m (tanh: g < -0.1); empty for gates that cannot be "
+                         "negative (sigmoid).",
+        "frac_near_zero": "As frac_positive, |g - r| <= 0.1 m (tanh: |g| <= 0.1; FiLM FFN gate: weight near 1, "
+                          "not off).",
+        "frac_saturated": "As frac_positive, g > high - 0.05 m or g < low + 0.05 m (tanh: |g| > 0.95).",
+        "n_underflow": "Values below the gate's histogram range lo (all queries; still included in the "
                        "statistics above, never clipped).",
-        "n_overflow": "Values above the gate kind's histogram range hi (all queries; still included in the "
+        "n_overflow": "Values above the gate's histogram range hi (all queries; still included in the "
                       "statistics above, never clipped).",
     },
     "gate_histograms.csv": {
         **_ID,
-        "bin_type": "'bin' for the fixed bins over value_range, 'underflow' (< range), 'overflow' (> range), "
-                    "'nan' (NaN values).",
+        "bin_type": "'bin' for the fixed bins over the gate's declared range (tanh [-1, 1], sigmoid [0, scale], "
+                    "scaled tanh [-|alpha|, |alpha|]; value_range when one is given), 'underflow' (< range), "
+                    "'overflow' (> range), 'nan' (NaN values).",
         "bin_left": "Left bin edge (inclusive); -inf for underflow, empty for nan.",
         "bin_right": "Right bin edge (exclusive except for the last bin, as np.histogram); +inf for overflow.",
         "count": "Exact integer number of gate values in the bin over all queries and clips (and dims).",
@@ -120,7 +134,7 @@ CSV_COLUMNS = {
     },
     "gate_rankings.csv": {
         "layer": "Fusion layer index, or 'all' for the query's mean over all layers (each layer weighted "
-                 "equally; MHA and FFN are never mixed).",
+                 "equally; gate kinds are never mixed).",
         "gate": _ID["gate"],
         "name": "Dotted gate name 'layers.{layer}.gate_{gate}' ('layers.all.gate_{gate}' for all layers).",
         "rank_type": "'top' (highest mean gate first) or 'bottom' (lowest first). With N queries, top has "
@@ -142,6 +156,16 @@ CSV_FILES = {
 }
 
 
+def csv_columns_markdown(columns=None):
+    """The README's CSV documentation: one markdown table per file of ``columns`` (default
+    ``CSV_COLUMNS``), ``|`` escaped as ``\\|``."""
+    parts = []
+    for name, cols in (CSV_COLUMNS if columns is None else columns).items():
+        rows = "".join(f"| `{c}` | {d.replace('|', chr(92) + '|')} |\n" for c, d in cols.items())
+        parts.append(f"**`{name}`**\n\n| column | meaning |\n|---|---|\n{rows}")
+    return "\n".join(parts)
+
+
 def _round32(values, up):
     """Round float64 values to the nearest float32 above (``up``) or below."""
     v = np.asarray(values, dtype=np.float64)
@@ -161,17 +185,27 @@ class GateStatsAccumulator:
     Args:
         gating_type: "global" | "clipwise" | "elementwise" (also "legacy": one gate per query).
         layers: list of layer indices, or an int n for ``range(n)``.
-        kinds: gate kinds per layer.
-        bins, value_range: fixed histogram bins over ``value_range``: ``(lo, hi)`` for every gate, or
-            ``{kind: (lo, hi)}`` per gate kind (v2 models: MHA in (0, scale), FFN in [-alpha, alpha]).
-        pos_threshold, neg_threshold, near_zero_threshold, saturation_threshold: fraction thresholds
-            (``g > pos``, ``g < neg``, ``|g| <= near_zero``, ``|g| > saturation``).
+        kinds: gate kinds per layer (default ("mha", "ffn"); v2 FiLM adds "beta").
+        gate_ranges: {gate name or (layer, kind): GateRange or its dict}: each gate's declared range
+            (``qd_detr.gates.fusion_gate_ranges``, ``GateRun.gate_ranges``); gates not named are tanh [-1, 1].
+            Histogram bins and thresholds follow it.
+        bins, value_range: ``bins`` fixed histogram bins over each gate's declared range, or over
+            ``value_range`` when given: ``(lo, hi)`` for every gate or ``{kind: (lo, hi)}`` per kind.
+        pos_threshold, neg_threshold, near_zero_threshold, saturation_threshold: thresholds as fractions
+            of each gate's range magnitude m around its reference r (``g > r + pos*m``, ``g < r + neg*m``,
+            ``|g - r| <= near_zero*m``, ``g > high - (1 - saturation)*m`` or ``g < low + (1 - saturation)*m``;
+            for tanh gates exactly ``g > pos``, ``g < neg``, ``|g| <= near_zero``, ``|g| > saturation``).
         hidden_dim: feature dims D of elementwise gates (inferred from the first query when None).
+
+    Attributes ``gate_ranges`` ({gate name: GateRange}), ``hist_ranges`` ({(layer, kind): (lo, hi)})
+    and ``value_range`` ((lo, hi) when every gate shares one histogram range, else {kind: (lo, hi)},
+    the union over layers) describe the bins; ``value_range_given`` says whether ``value_range`` was
+    passed (plots then use it as axis limits instead of the declared ranges).
     """
 
-    def __init__(self, gating_type, layers, kinds=GATE_KINDS, bins=200, value_range=(-1.0, 1.0),
+    def __init__(self, gating_type, layers, kinds=DEFAULT_KINDS, bins=200, value_range=None,
                  pos_threshold=0.1, neg_threshold=-0.1, near_zero_threshold=0.1, saturation_threshold=0.95,
-                 hidden_dim=None):
+                 hidden_dim=None, gate_ranges=None):
         self.gating_type = _check_gating_type(gating_type)
         self.layers = list(range(layers)) if isinstance(layers, (int, np.integer)) else [int(l) for l in layers]
         self.kinds = tuple(kinds)
@@ -179,22 +213,38 @@ class GateStatsAccumulator:
         self.bins = int(bins)
         if self.bins < 1:
             raise ValueError(f"need bins >= 1, got {bins}")
-        per_kind = value_range if isinstance(value_range, dict) else {k: value_range for k in self.kinds}
-        if set(per_kind) != set(self.kinds):
-            raise ValueError(f"value_range dict must have one (lo, hi) per kind {list(self.kinds)}, got {value_range}")
-        self.value_ranges = {}
-        for kind in self.kinds:
-            lo, hi = float(per_kind[kind][0]), float(per_kind[kind][1])  # python floats, as np.histogram
+        self._ranges = resolve_ranges(gate_ranges, self.layers, self.kinds)  # (layer, kind) -> GateRange
+        self.gate_ranges = {gate_name(*key): rng for key, rng in self._ranges.items()}
+        self.value_range_given = value_range is not None
+        if value_range is None:
+            per_key = {key: (rng.low, rng.high) for key, rng in self._ranges.items()}
+        else:
+            per_kind = value_range if isinstance(value_range, dict) else {k: value_range for k in self.kinds}
+            if set(per_kind) != set(self.kinds):
+                raise ValueError(f"value_range dict must have one (lo, hi) per kind {list(self.kinds)}, "
+                                 f"got {value_range}")
+            per_key = {(l, k): per_kind[k] for l, k in self.keys}
+        self.hist_ranges = {}
+        for key, (lo, hi) in per_key.items():
+            lo, hi = float(lo), float(hi)  # python floats, as np.histogram
             if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-                raise ValueError(f"value_range for {kind!r} must be finite with lo < hi, got {per_kind[kind]}")
-            self.value_ranges[kind] = (lo, hi)
-        ranges = set(self.value_ranges.values())
-        #: (lo, hi) when every kind has the same range, else {kind: (lo, hi)}; plots accept both
-        self.value_range = next(iter(ranges)) if len(ranges) == 1 else dict(self.value_ranges)
+                raise ValueError(f"value_range for {gate_name(*key)} must be finite with lo < hi, got {(lo, hi)}")
+            self.hist_ranges[key] = (lo, hi)
+        self.value_ranges = {k: (min(lo for (_, kk), (lo, _) in self.hist_ranges.items() if kk == k),
+                                 max(hi for (_, kk), (_, hi) in self.hist_ranges.items() if kk == k))
+                             for k in self.kinds} if self.layers else {}
+        distinct = set(self.hist_ranges.values())
+        #: (lo, hi) when every gate has the same range, else {kind: (lo, hi)}; plots accept both
+        self.value_range = next(iter(distinct)) if len(distinct) == 1 else dict(self.value_ranges)
         self.pos_threshold = float(pos_threshold)
         self.neg_threshold = float(neg_threshold)
         self.near_zero_threshold = float(near_zero_threshold)
         self.saturation_threshold = float(saturation_threshold)
+        self.thresholds = {key: thresholds(rng, self.pos_threshold, self.neg_threshold, self.near_zero_threshold,
+                                           self.saturation_threshold) for key, rng in self._ranges.items()}
+        # fractions a gate cannot have (a sigmoid gate is never negative) are NaN, not 0
+        self._frac_mask = np.array([[1.0 if t.has_positive else np.nan, 1.0 if t.has_negative else np.nan, 1.0, 1.0]
+                                    for t in (self.thresholds[k] for k in self.keys)]).reshape(len(self.keys), 4)
         self.hidden_dim = None if hidden_dim is None else int(hidden_dim)
         self._points = None
         g = len(self.keys)
@@ -237,8 +287,9 @@ class GateStatsAccumulator:
         return self._n_rows
 
     def _config(self):
-        return (self.gating_type, tuple(self.layers), self.kinds, self.bins, tuple(self.value_ranges.items()),
-                self.pos_threshold, self.neg_threshold, self.near_zero_threshold, self.saturation_threshold)
+        return (self.gating_type, tuple(self.layers), self.kinds, self.bins, tuple(self.hist_ranges.items()),
+                tuple(self._ranges.items()), self.pos_threshold, self.neg_threshold, self.near_zero_threshold,
+                self.saturation_threshold)
 
     def _grow_rows(self, need):
         cap = self._rows.shape[0]
@@ -279,15 +330,20 @@ class GateStatsAccumulator:
         thresholds, rounded so that float32 comparisons equal the exact ones (``x < v`` <=>
         ``x < ceil32(v)``, ``x <= v`` <=> ``x <= floor32(v)`` for float32 x)."""
         if self._points is None:
-            z, s = self.near_zero_threshold, self.saturation_threshold
-            thr_left = _round32([self.neg_threshold, -z, -s], up=True)
-            thr_right = _round32([self.pos_threshold, z, s], up=False)
-            by_kind = {}
-            for kind, (lo, hi) in self.value_ranges.items():
-                edges = np.linspace(lo, hi, self.bins + 1, endpoint=True, dtype=np.float32)
-                # side="left" -> number of values < v; side="right" -> number of values <= v
-                by_kind[kind] = (np.concatenate([edges, thr_left]), np.concatenate([edges[-1:], thr_right]))
-            self._points = [by_kind[k] for _, k in self.keys]
+            cache = {}
+            self._points = []
+            for key in self.keys:
+                t, (lo, hi) = self.thresholds[key], self.hist_ranges[key]
+                pos = t.positive if t.has_positive else np.inf    # counts nothing when the gate cannot reach it
+                neg = t.negative if t.has_negative else -np.inf
+                spec = (lo, hi, pos, neg, t.near_low, t.near_high, t.sat_low, t.sat_high)
+                if spec not in cache:
+                    edges = np.linspace(lo, hi, self.bins + 1, endpoint=True, dtype=np.float32)
+                    thr_left = _round32([neg, t.near_low, t.sat_low], up=True)
+                    thr_right = _round32([pos, t.near_high, t.sat_high], up=False)
+                    # side="left" -> number of values < v; side="right" -> number of values <= v
+                    cache[spec] = (np.concatenate([edges, thr_left]), np.concatenate([edges[-1:], thr_right]))
+                self._points.append(cache[spec])
         return self._points
 
     def update(self, qid, gates, vid=None, n_clips=None):
@@ -384,7 +440,7 @@ class GateStatsAccumulator:
                            left[:, nb + 1],                                         # x < neg
                            right[:, 2] - left[:, nb + 2],                           # -z <= x <= z
                            (n_valid - right[:, 3]) + left[:, nb + 3]], axis=1)      # |x| > s
-        fracs = counts / n
+        fracs = counts / n * self._frac_mask
         row[:, 10:14] = fracs
         self._min = np.minimum(self._min, pct[:, 0])
         self._max = np.maximum(self._max, pct[:, -1])
@@ -448,8 +504,9 @@ class GateStatsAccumulator:
 
     @classmethod
     def from_gate_run(cls, run, qids=None, **kwargs):
-        """Accumulate every query of a ``GateRun`` (settings from the run; ``kwargs`` override bins,
-        value_range and thresholds)."""
+        """Accumulate every query of a ``GateRun`` (settings and declared gate ranges from the run;
+        ``kwargs`` override bins, value_range, thresholds and gate_ranges)."""
+        kwargs.setdefault("gate_ranges", getattr(run, "gate_ranges", None))
         acc = cls(run.gating_type, run.layers, kinds=run.kinds, hidden_dim=run.hidden_dim, **kwargs)
         for qid, vid, gates in run.iter_queries(qids):
             acc.update(qid, gates, vid=vid, n_clips=run.n_clips.get(qid, -1))
@@ -504,7 +561,7 @@ class GateStatsAccumulator:
             n = self._n
             cmean = self._sum / n
             cstd = np.sqrt(np.maximum(self._sumsq / n - cmean ** 2, 0.0))
-            cfrac = self._frac_counts / n[:, None]
+            cfrac = self._frac_counts / n[:, None] * self._frac_mask
             qfrac = self._qfrac_sum / nq
         frames = []
         for weighting, mean, std, mn, mx, fr in (("query", qmean, qstd, self._qmin, self._qmax, qfrac),
@@ -534,8 +591,8 @@ class GateStatsAccumulator:
         float32 input (float32 edges, which differ from these by less than one float32 ulp)."""
         nb = self.bins
         lefts, rights = [], []
-        for _, kind in self.keys:
-            lo, hi = self.value_ranges[kind]
+        for key in self.keys:
+            lo, hi = self.hist_ranges[key]
             edges = np.linspace(lo, hi, nb + 1)
             lefts.append(np.concatenate([edges[:-1], [-np.inf, hi, np.nan]]))
             rights.append(np.concatenate([edges[1:], [lo, np.inf, np.nan]]))
@@ -586,7 +643,7 @@ class GateStatsAccumulator:
 
     def rankings(self, n=10):
         """Top and bottom queries by mean gate, per layer x gate and per gate kind over all layers
-        (``layer == "all"``: the query's mean of its per-layer means; MHA and FFN ranked separately).
+        (``layer == "all"``: the query's mean of its per-layer means; each gate kind ranked separately).
 
         With N ranked queries (NaN means are skipped), "top" has ``min(n, ceil(N/2))`` rows and
         "bottom" ``min(n, N - n_top)`` rows, taken from the two ends of one ordering (mean descending,

@@ -8,12 +8,15 @@ Layout of a gate store (``{run}/gates/``)::
                       (the queries of the shard in recorded order; lets a resumed writer rebuild the index)
     index.csv         qid, vid, n_clips, shard   (one row per query, recorded order)
     meta.json         gating_type, num_layers, hidden_dim, kinds, layers, n_queries, format_version,
-                      shape_convention, complete, extra
+                      shape_convention, gate_ranges, complete, extra
 
 Shape convention (padding already excluded, T = valid clips of the query, D = hidden dim):
 ``global`` / ``legacy`` -> (1,) (one gate per query); ``clipwise`` -> (T,); ``elementwise`` -> (T, D).
-Gates are ``tanh`` values in [-1, 1] for v1 models (positive: audio added, negative: audio
-suppressed, near 0: audio ignored); v2 models have other ranges, which the store does not assume.
+Gate kinds are those of ``qd_detr.gates.GATE_KINDS``: ``mha`` and ``ffn`` in every layout, plus
+``beta`` (the FiLM shift) in v2 FiLM layers. ``meta.json`` records each gate's declared range
+(``gate_ranges``: {gate name: ``GateRange.as_dict()``}: tanh [-1, 1] for v1, sigmoid (0, scale),
+scaled tanh [-|alpha|, |alpha|]); ``GateRun.gate_ranges`` reads them back, and a store written before
+ranges were recorded reads as tanh [-1, 1] (``gate_analysis.ranges``).
 
 Every file is written to a temporary name in the same folder and moved into place with
 ``os.replace``, so a crash never leaves a half-written shard, index or meta file under its final name.
@@ -39,11 +42,14 @@ from collections import OrderedDict
 import numpy as np
 import pandas as pd
 
-__all__ = ["GateStoreWriter", "GateRun", "load_gate_run", "iter_shard_queries", "gate_name", "GATE_KINDS", "FORMAT_VERSION",
-           "PER_QUERY_GATING_TYPES", "PER_CLIP_GATING_TYPES", "GATING_TYPES"]
+from qd_detr.gates import GATE_KINDS, gate_name
+
+from .ranges import DEFAULT_KINDS, as_range, ranges_as_dict, ranges_from_meta, resolve_ranges
+
+__all__ = ["GateStoreWriter", "GateRun", "load_gate_run", "iter_shard_queries", "gate_name", "GATE_KINDS",
+           "DEFAULT_KINDS", "FORMAT_VERSION", "PER_QUERY_GATING_TYPES", "PER_CLIP_GATING_TYPES", "GATING_TYPES"]
 
 FORMAT_VERSION = 1
-GATE_KINDS = ("mha", "ffn")
 PER_QUERY_GATING_TYPES = ("global", "legacy", "global_diagstrip_ssm")  # one gate per query: (1,)
 PER_CLIP_GATING_TYPES = ("clipwise", "elementwise")                   # (T,) and (T, D)
 GATING_TYPES = PER_QUERY_GATING_TYPES + PER_CLIP_GATING_TYPES
@@ -57,11 +63,6 @@ SHAPE_CONVENTION = {
 _STORE_DIR = "gates"
 _SHARD_RE = re.compile(r"^shard_(\d{5,})\.npz$")
 _TMP_PREFIX = ".tmp-"
-
-
-def gate_name(layer, kind):
-    """Dotted TransformerLens-style name of a gate: ``layers.{layer}.gate_{kind}``."""
-    return f"layers.{layer}.gate_{kind}"
 
 
 def _check_gating_type(gating_type):
@@ -156,7 +157,9 @@ class GateStoreWriter:
         num_layers: number of fusion layers; layers are ``0..num_layers-1``.
         hidden_dim: feature dims D of elementwise gates (inferred from the first query when None).
         extra_meta: JSON-serialisable dict stored under ``meta["extra"]`` (checkpoint, split, ...).
-        kinds: gate kinds per layer (default ("mha", "ffn"); v2-FiLM can add e.g. "ffn_beta").
+        kinds: gate kinds per layer, in ``GATE_KINDS`` order (default ("mha", "ffn"); v2 FiLM adds "beta").
+        gate_ranges: {gate name or (layer, kind): GateRange or its dict}, the declared ranges
+            (``qd_detr.gates.fusion_gate_ranges``), stored in meta.json; gates not named are tanh [-1, 1].
         resume: pick up the complete shards already in the folder and append to them.
         overwrite: delete an existing store's files first (otherwise an existing store is an error).
         max_buffered_queries: if set, ``add`` flushes automatically once this many queries are buffered.
@@ -168,7 +171,7 @@ class GateStoreWriter:
     """
 
     def __init__(self, output_dir, gating_type, num_layers, hidden_dim=None, extra_meta=None, *,
-                 kinds=GATE_KINDS, resume=False, overwrite=False, max_buffered_queries=None):
+                 kinds=DEFAULT_KINDS, gate_ranges=None, resume=False, overwrite=False, max_buffered_queries=None):
         if resume and overwrite:
             raise ValueError("resume=True and overwrite=True contradict each other; choose one")
         self.gating_type = _check_gating_type(gating_type)
@@ -177,6 +180,11 @@ class GateStoreWriter:
         self.num_layers = int(num_layers)
         self.layers = list(range(self.num_layers))
         self.kinds = tuple(kinds)
+        unknown = [k for k in self.kinds if k not in GATE_KINDS]
+        if unknown or len(set(self.kinds)) != len(self.kinds):
+            raise ValueError(f"kinds must be distinct gate kinds of {list(GATE_KINDS)}, got {list(self.kinds)}")
+        self.gate_ranges = {gate_name(*key): rng for key, rng in
+                            resolve_ranges(gate_ranges, self.layers, self.kinds).items()}
         if gating_type != "elementwise" and hidden_dim is not None:
             hidden_dim = int(hidden_dim)  # recorded for information only
         self.hidden_dim = None if hidden_dim is None else int(hidden_dim)
@@ -220,6 +228,10 @@ class GateStoreWriter:
                 if meta.get(key) != mine:
                     raise ValueError(f"cannot resume the gate store in {self.dir}: it has {key}={meta.get(key)!r}, "
                                      f"this writer has {mine!r}")
+            stored = ranges_from_meta(meta)
+            if stored and any(as_range(stored.get(n, r)) != r for n, r in self.gate_ranges.items()):
+                raise ValueError(f"cannot resume the gate store in {self.dir}: its gate_ranges differ from this "
+                                 f"writer's (another checkpoint?)")
             if meta.get("hidden_dim") is not None:
                 if self.hidden_dim is not None and meta["hidden_dim"] != self.hidden_dim:
                     raise ValueError(f"cannot resume the gate store in {self.dir}: hidden_dim {meta['hidden_dim']} "
@@ -298,6 +310,7 @@ class GateStoreWriter:
             "dtype": "float32",
             "key_format": "{qid}/layers.{layer}.gate_{kind}",
             "shape_convention": SHAPE_CONVENTION[self.gating_type],
+            "gate_ranges": ranges_as_dict(self.gate_ranges),
             "extra": self.extra_meta,
         }
         atomic_write_text(os.path.join(self.dir, "meta.json"), json.dumps(meta, indent=2, default=str) + "\n")
@@ -378,7 +391,8 @@ class GateRun:
 
     Attributes: ``qids`` (list of int, recorded order), ``vids`` ({qid: vid}), ``n_clips``
     ({qid: T}, -1 when unknown for per-query gating), ``layers``, ``kinds``, ``gating_type``,
-    ``hidden_dim``, ``meta`` (dict of meta.json), ``path`` (the ``gates/`` folder).
+    ``hidden_dim``, ``gate_ranges`` ({gate name: GateRange} from meta.json; tanh [-1, 1] for gates
+    of a store that records none), ``meta`` (dict of meta.json), ``path`` (the ``gates/`` folder).
     """
 
     def __init__(self, store_dir, max_open_shards=4):
@@ -412,6 +426,8 @@ class GateRun:
         self.layers = [int(l) for l in self.meta["layers"]]
         self.kinds = tuple(self.meta["kinds"])
         self.hidden_dim = self.meta.get("hidden_dim")
+        self.gate_ranges = {gate_name(*key): rng for key, rng in
+                            resolve_ranges(ranges_from_meta(self.meta), self.layers, self.kinds).items()}
         self.qids = [int(q) for q in index["qid"]]
         self.vids = dict(zip(self.qids, index["vid"].astype(str)))
         self.n_clips = dict(zip(self.qids, (int(t) for t in index["n_clips"])))
@@ -442,12 +458,17 @@ class GateRun:
         return z
 
     def _check(self, qid, layer=None, kind=None):
-        if qid not in self._shard_of:
+        if qid is not None and qid not in self._shard_of:
             raise KeyError(f"qid {qid!r} is not in the gate run {self.path} ({len(self.qids)} queries)")
         if layer is not None and layer not in self.layers:
             raise KeyError(f"layer {layer!r} is not in the gate run {self.path} (layers {self.layers})")
         if kind is not None and kind not in self.kinds:
             raise KeyError(f"gate kind {kind!r} is not in the gate run {self.path} (kinds {list(self.kinds)})")
+
+    def gate_range(self, layer, kind):
+        """The declared ``GateRange`` of ``layers.{layer}.gate_{kind}``."""
+        self._check(None, layer, kind)
+        return self.gate_ranges[gate_name(layer, kind)]
 
     def gate(self, qid, layer, kind):
         """float32 gates of one query: global (1,), clipwise (T,), elementwise (T, D)."""
@@ -469,7 +490,7 @@ class GateRun:
     def frame(self, qids=None, reduce_dims=False):
         """Tidy DataFrame, one row per gate value.
 
-        Columns: qid (int), vid (str), layer (int), gate ("mha"/"ffn"), name ("layers.0.gate_mha"),
+        Columns: qid (int), vid (str), layer (int), gate ("mha", "ffn", "beta"), name ("layers.0.gate_mha"),
         clip (clip index; -1 for per-query gating), dim (feature dim; -1 unless elementwise),
         value (float64, exact copy of the stored float32). With ``reduce_dims=True`` elementwise
         gates are averaged over dims (float64 mean) to one row per clip (dim = -1).

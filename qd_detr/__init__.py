@@ -7,7 +7,7 @@ Main entry points: ``load_checkpoint`` (rebuild a trained model strictly from it
 from .checkpoint import LoadedCheckpoint, load_checkpoint
 from .config import make_options
 from .errors import CheckpointError, ConfigError, DataError, ToolkitError
-from .model import NoFusionError, QDDETR, build_model
+from .model import QDDETR, NoFusionError, build_model
 
 __all__ = ["load_checkpoint", "LoadedCheckpoint", "build_model", "QDDETR", "make_options", "ToolkitError",
            "CheckpointError", "ConfigError", "DataError", "NoFusionError"]

@@ -156,7 +156,7 @@ class GatingFunction(nn.Module):
             }
             if self.ffn_film:
                 beta = abs(float(self.ffn_beta.detach()))
-                ranges["beta"] = GateRange("scaled_tanh", -beta, beta, off=0.0,
+                ranges["beta"] = GateRange("scaled_tanh", -beta, beta, off=0.0, shift=True,
                                            formula=f"tanh(mlp_beta) * beta, beta {float(self.ffn_beta.detach()):.4g}")
             return ranges
         sigmoid = self.variant == "diagstrip" and self.gating_type in ("global", "global_diagstrip_ssm")

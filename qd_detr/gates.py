@@ -56,6 +56,7 @@ class GateRange:
     off: float = 0.0
     formula: str = ""
     film: bool = False
+    shift: bool = False
 
     @property
     def signed(self):
@@ -72,6 +73,9 @@ class GateRange:
         if self.film:
             return (f"branch weight 1 + g, g in [{self.low:.3g}, {self.high:.3g}]: g = 0 means weight 1 "
                     "(the FFN branch fully used), not off; > 0 amplified, < 0 damped")
+        if self.shift:
+            return (f"FiLM shift added to every channel, in [{self.low:.3g}, {self.high:.3g}]: 0 = no shift, "
+                    "> 0 / < 0 moves the fused features up / down")
         if self.activation == "sigmoid":
             return (f"in (0, {self.high:.3g}), never negative: near 0 = audio ignored, "
                     f"near {self.high:.3g} = fully used")
@@ -80,7 +84,7 @@ class GateRange:
 
     def as_dict(self):
         return {"activation": self.activation, "low": self.low, "high": self.high, "off": self.off,
-                "film": self.film, "formula": self.formula, "meaning": self.meaning()}
+                "film": self.film, "shift": self.shift, "formula": self.formula, "meaning": self.meaning()}
 
 
 class GateCaptureError(RuntimeError):
@@ -394,10 +398,13 @@ class GateTrackingMixin:
     def compare_samples_gates(self, sample_ids, save_dir):
         """Write ``gate_comparison.png`` (per-layer gates of the given samples) into ``save_dir``."""
         import os
+
         from gate_analysis.plots import plot_sample_comparison  # analysis is optional for the model
         mapping = {sid: self._records(sid)[0].gates for sid in sample_ids}
         os.makedirs(save_dir, exist_ok=True)
-        return plot_sample_comparison(mapping, list(sample_ids), os.path.join(save_dir, "gate_comparison.png"))
+        ranges = {name: rng.as_dict() for name, rng in fusion_gate_ranges(self).items()}
+        return plot_sample_comparison(mapping, list(sample_ids), os.path.join(save_dir, "gate_comparison.png"),
+                                      gate_ranges=ranges)
 
     def save_gate_analysis(self, save_dir, sample_id=None):
         """Write ``gate_statistics_{sample_id or 'all'}.json`` and a comparison plot; return the paths."""

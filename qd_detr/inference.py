@@ -23,8 +23,16 @@ from tqdm import tqdm
 from .checkpoint import load_checkpoint
 from .cli import architecture_options, data_args, model_args, prepare_output_file, run_main
 from .config import fusion_layout
-from .dataset import (QVHighlightsDataset, collate, has_labels, length_grouped_batches, model_kwargs,
-                      move_to_device, read_jsonl, sequential_batches)
+from .dataset import (
+    QVHighlightsDataset,
+    collate,
+    has_labels,
+    length_grouped_batches,
+    model_kwargs,
+    move_to_device,
+    read_jsonl,
+    sequential_batches,
+)
 from .errors import ConfigError, DataError
 from .eval import eval_submission
 from .postprocess import ambiguous_rows, submission_lines, write_json, write_jsonl

@@ -5,10 +5,21 @@ import pytest
 import torch
 
 from conftest import small_model
-from gate_analysis.ablation import (CSV_COLUMNS, AudioInterventionDataset, ContributionWriter, Intervention,
-                                    clamp_gates, compare_predictions, dataset_mean_gates, load_contributions,
-                                    parse_interventions, reference_intervention, run_ablation, run_intervention,
-                                    swap_sources)
+from gate_analysis.ablation import (
+    CSV_COLUMNS,
+    AudioInterventionDataset,
+    ContributionWriter,
+    Intervention,
+    clamp_gates,
+    compare_predictions,
+    dataset_mean_gates,
+    load_contributions,
+    parse_interventions,
+    reference_intervention,
+    run_ablation,
+    run_intervention,
+    swap_sources,
+)
 from gate_analysis.stats import GateStatsAccumulator
 from qd_detr.dataset import collate, model_kwargs, read_jsonl
 from qd_detr.errors import ConfigError

@@ -13,9 +13,17 @@ import numpy as np
 import pytest
 import torch
 
-from qd_detr.dataset import (QVHighlightsDataset, collate, has_labels, length_grouped_batches,
-                             model_kwargs, move_to_device, read_jsonl, sequential_batches,
-                             temporal_endpoint_features)
+from qd_detr.dataset import (
+    QVHighlightsDataset,
+    collate,
+    has_labels,
+    length_grouped_batches,
+    model_kwargs,
+    move_to_device,
+    read_jsonl,
+    sequential_batches,
+    temporal_endpoint_features,
+)
 from qd_detr.demo_data import make_demo_dataset
 from qd_detr.errors import ConfigError, DataError
 

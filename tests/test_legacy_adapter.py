@@ -9,13 +9,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import save_checkpoint, small_model, small_options
-from gate_analysis.legacy import (PROBE_LENGTHS, EquivalenceError, IncompatibleModelError, classify_keys,
-                                  make_probe_batch)
+from conftest import requires_fixtures, save_checkpoint, small_model, small_options
+from gate_analysis.legacy import (
+    PROBE_LENGTHS,
+    EquivalenceError,
+    IncompatibleModelError,
+    classify_keys,
+    make_probe_batch,
+)
 from legacy_model_adapter import adapt_legacy_model, load_legacy_model_with_gate_tracking
 from qd_detr.avigate import AVIGATEFusion
 from qd_detr.avigate_custom import AVIGATEFusionCustom
+from qd_detr.config import fusion_variant
 from qd_detr.errors import ConfigError
+from qd_detr.gates import fusion_gate_kinds
 from qd_detr.model import NoFusionError, build_model
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -225,6 +232,8 @@ def _ffn(hidden):
 
 
 class OrigGatingFunction(nn.Module):
+    mha_act = staticmethod(torch.tanh)  # the diagstrip branch's plain global gating uses a sigmoid here
+
     def __init__(self, hidden, gating_type, declare=True):
         super().__init__()
         if declare:
@@ -236,17 +245,18 @@ class OrigGatingFunction(nn.Module):
     def forward(self, video, audio):
         if self._kind == "global":  # mean over every position, padding included (as the original)
             joint = torch.cat([video.mean(1), audio.mean(1)], dim=1)
-            return torch.tanh(self.mlp_mha(joint)).unsqueeze(-1), torch.tanh(self.mlp_ffn(joint)).unsqueeze(-1)
+            return self.mha_act(self.mlp_mha(joint)).unsqueeze(-1), torch.tanh(self.mlp_ffn(joint)).unsqueeze(-1)
         joint = torch.cat([video, audio], dim=2)
-        return torch.tanh(self.mlp_mha(joint)), torch.tanh(self.mlp_ffn(joint))
+        return self.mha_act(self.mlp_mha(joint)), torch.tanh(self.mlp_ffn(joint))
 
 
 class OrigBlock(nn.Module):
     audio_scale = 1.0
+    gating_cls = OrigGatingFunction
 
     def __init__(self, hidden, n_heads, gating_type, declare=True):
         super().__init__()
-        self.gating_function = OrigGatingFunction(hidden, gating_type, declare)
+        self.gating_function = self.gating_cls(hidden, gating_type, declare)
         self.a_proj, self.out_proj = nn.Linear(hidden, hidden), nn.Linear(hidden, hidden)
         self.ffn1, self.ffn2 = _ffn(hidden), _ffn(hidden)
         self.self_attention = nn.MultiheadAttention(hidden, n_heads, batch_first=True)
@@ -452,6 +462,237 @@ def test_in_memory_model_without_fusion_is_refused():
 
 
 # ------------------------------------------------------------------------------------------------
+# in-memory models of every fusion variant (v1, diagstrip, v2); our own classes stand in for the
+# research code's (same state dicts and attribute names)
+# ------------------------------------------------------------------------------------------------
+
+SSM_KW = dict(ssm_band_width=3, ssm_enc_channels=8, ssm_dilations=[1, 3], ssm_diag_subtract=0.25)  # not the defaults
+
+
+def _fusion_inputs(lengths=(9, 5, 2), seed=11):
+    """Inputs of a bare fusion module (projected features, hidden 256), padded rows zero."""
+    g = torch.Generator().manual_seed(seed)
+    mask = (torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]).float()
+    v, a = (torch.randn(len(lengths), max(lengths), 256, generator=g) * mask[..., None] for _ in range(2))
+    return dict(video_feat=v, audio_feat=a, video_mask=mask, audio_mask=mask)
+
+
+def _user_gates(fusion, call):
+    """What the user's own gating functions returned per (layer, kind), and the FiLM shift its blocks add."""
+    found, handles = {}, []
+    for i, block in enumerate(fusion.fusion_layers):
+        gf = block.gating_function
+        handles.append(gf.register_forward_hook(
+            lambda m, args, out, i=i: found.update({(i, "mha"): out[0], (i, "ffn"): out[1]})))
+        if getattr(gf, "ffn_film", False):  # the block adds gating_function.film_shift of its own inputs
+            handles.append(block.register_forward_pre_hook(
+                lambda m, args, i=i: found.update({(i, "beta"): m.gating_function.film_shift(*args[:3])})))
+    try:
+        with torch.no_grad():
+            out = call()
+    finally:
+        for h in handles:
+            h.remove()
+    return out, found
+
+
+def _check_against_user(user, adapted, kind, opt=None, lengths=(9, 5, 2)):
+    """On an independent ragged batch: equal outputs, and every tracked gate equals the user's own gate."""
+    inputs = _probe(opt, seed=11, lengths=lengths) if kind == "model" else _fusion_inputs(lengths)
+    user_fusion, own_fusion = (user.fusion, adapted.fusion) if kind == "model" else (user, adapted)
+    ref, user_gates = _user_gates(user_fusion, lambda: user(**inputs))
+    ids = [f"q{i}" for i in range(len(lengths))]
+    own_fusion.clear_gate_history()
+    own_fusion.set_current_sample_id(ids)
+    with torch.no_grad():
+        got = adapted(**inputs)
+    pairs = [(ref, got)] if torch.is_tensor(ref) else [(ref[k], got[k]) for k in ("pred_logits", "pred_spans",
+                                                                                  "saliency_scores")]
+    assert all(float((a - b).abs().max()) <= 1e-6 for a, b in pairs)
+    assert {k for _, k in user_gates} == set(fusion_gate_kinds(own_fusion))
+    for (layer, gate_kind), g in user_gates.items():
+        for b, (sid, n) in enumerate(zip(ids, lengths)):
+            want = g[b, :1] if g.shape[1] == 1 else g[b, :n]
+            want = want[..., 0] if want.shape[-1] == 1 else want
+            rec = torch.from_numpy(own_fusion.gate_history[sid].gates[(layer, gate_kind)])
+            assert rec.shape == want.shape, (layer, gate_kind)
+            assert float((rec - want).abs().max()) <= 1e-6, (layer, gate_kind)
+    own_fusion.clear_gate_history()
+
+
+@pytest.mark.parametrize("kind", ["model", "fusion"])
+def test_v2_film_module_adapts_with_its_own_temperature(kind):
+    ours, opt = small_model("custom", "clipwise", seed=21, mha_gate_temp=2.0, ffn_gate_film=True)  # default 1.5
+    user = ours if kind == "model" else ours.fusion
+    adapted, opt2, report = adapt_legacy_model(user, return_details=True)
+    own_fusion = adapted.fusion if kind == "model" else adapted
+    assert report["fusion_variant"] == "v2" and report["fusion_variant_source"].startswith("weights")
+    assert report["gate_options"]["mha_gate_temp"] == {"value": 2.0,
+                                                       "source": "fusion_layers[*].gating_function.mha_temp"}
+    assert report["options_from_module"]["mha_gate_temp"]["value"] == 2.0
+    film = report["gate_options"]["ffn_gate_film"]
+    assert film["value"] is True and "gating_function.ffn_film" in film["source"] and "ffn_beta" in film["source"]
+    assert opt2.mha_gate_temp == 2.0 and opt2.ffn_gate_film is True
+    assert all(b.gating_function.mha_temp == 2.0 and b.gating_function.ffn_film for b in own_fusion.fusion_layers)
+    assert report["gates"]["kinds"] == ["mha", "ffn", "beta"] == list(fusion_gate_kinds(own_fusion))
+    assert {(g["layer"], g["kind"]) for g in report["gates"]["layers"]} == {
+        (i, k) for i in range(2) for k in ("mha", "ffn", "beta")}
+    assert "2" in report["gate_ranges"]["layers.0.gate_mha"]["formula"]
+    _check_against_user(user, adapted, kind, opt)
+
+
+class HiddenTempGating(nn.Module):
+    """A v2 clipwise gating function that keeps its temperature under another name (no ``mha_temp``)."""
+
+    def __init__(self, ours):
+        super().__init__()
+        for name in ("mlp_mha", "mlp_ffn", "mha_bias", "mha_scale", "ffn_alpha"):
+            setattr(self, name, copy.deepcopy(getattr(ours, name)))
+        self.gating_type, self.ffn_film, self._t = ours.gating_type, False, ours.mha_temp
+
+    def forward(self, video, audio, video_mask=None, audio_mask=None):
+        joint = torch.cat([video, audio], dim=2)
+        return (torch.sigmoid((self.mlp_mha(joint) + self.mha_bias) / self._t) * self.mha_scale,
+                torch.tanh(self.mlp_ffn(joint)) * self.ffn_alpha)
+
+
+def test_v2_temperature_without_an_attribute_must_be_given_and_is_proved():
+    ours, _ = small_model("custom", "clipwise", seed=22, mha_gate_temp=2.0)
+    fusion = copy.deepcopy(ours.fusion)
+    for block in fusion.fusion_layers:
+        block.gating_function = HiddenTempGating(block.gating_function)
+    with pytest.raises(ConfigError, match="no gating function has an mha_temp attribute"):
+        adapt_legacy_model(fusion)
+    with pytest.raises(EquivalenceError, match="does not reproduce the given model"):
+        adapt_legacy_model(fusion, options={"mha_gate_temp": 1.5})  # a wrong temperature changes the outputs
+    adapted, _, report = adapt_legacy_model(fusion, options={"mha_gate_temp": 2.0}, return_details=True)
+    assert report["gate_options"]["mha_gate_temp"] == {"value": 2.0, "source": "given (options)"}
+    _check_against_user(fusion, adapted, "fusion")
+    with pytest.raises(ConfigError, match=r"mha_gate_temp=1.5 was given but the module has mha_gate_temp=2.0"):
+        adapt_legacy_model(ours, options={"mha_gate_temp": 1.5})
+
+
+@pytest.mark.parametrize("kind,video,batching", [("model", 1, "query"), ("fusion", 0, "original")])
+def test_diagstrip_ssm_module_adapts_with_settings_read_from_its_gate(kind, video, batching):
+    ours, opt = small_model("custom", "global_diagstrip_ssm", seed=23, ssm_use_video_branch=video, **SSM_KW)
+    ours.set_batching(batching)
+    user = ours if kind == "model" else ours.fusion
+    adapted, opt2, report = adapt_legacy_model(user, return_details=True)
+    own_fusion = adapted.fusion if kind == "model" else adapted
+    assert report["gating_type"] == "global_diagstrip_ssm" and report["fusion_variant"] == "diagstrip"
+    assert "ssm_gate" in report["fusion_variant_source"]
+    assert {k: v["value"] for k, v in report["gate_options"].items()} == {
+        "ssm_band_width": 3, "ssm_enc_channels": 8, "ssm_dilations": [1, 3], "ssm_diag_subtract": 0.25,
+        "ssm_use_video_branch": video}
+    sources = {k: v["source"] for k, v in report["gate_options"].items()}
+    assert sources["ssm_dilations"] == "fusion_layers[*].gating_function.ssm_gate.encoder Conv1d(kernel 3).dilation"
+    assert sources["ssm_diag_subtract"] == "fusion_layers[*].gating_function.ssm_gate.diag_subtract"
+    assert sources["ssm_band_width"].startswith("fusion_layers[*].gating_function.ssm_gate.band_width, agrees")
+    assert sources["ssm_use_video_branch"].startswith("fusion_layers[*].gating_function.ssm_gate.use_video_branch")
+    assert sources["ssm_enc_channels"].startswith("weights")
+    assert report["equivalence"]["batching"] == batching
+    gate = own_fusion.fusion_layers[1].gating_function.ssm_gate
+    assert (gate.band_width, gate.dilations, gate.diag_subtract, gate.use_video_branch) == (3, (1, 3), 0.25, bool(video))
+    assert report["gates"]["kinds"] == ["mha", "ffn"]
+    assert all(g["recorded_shapes"] == [[1]] * 3 for g in report["gates"]["layers"])
+    _check_against_user(user, adapted, kind, opt)
+
+
+class SigmoidGating(OrigGatingFunction):
+    mha_act = staticmethod(torch.sigmoid)  # the diagstrip-ssm branch's plain global gating
+
+
+class SigmoidBlock(OrigBlock):
+    gating_cls = SigmoidGating
+
+
+class SigmoidFusion(OrigFusionCustom):
+    """The diagstrip branch's plain global fusion: v1 keys and attributes, no ``variant`` or ``ssm_*``."""
+    block = SigmoidBlock
+
+
+class SoftsignGating(OrigGatingFunction):
+    mha_act = staticmethod(F.softsign)  # neither branch's gate
+
+
+class SoftsignBlock(OrigBlock):
+    gating_cls = SoftsignGating
+
+
+class SoftsignFusion(OrigFusionCustom):
+    block = SoftsignBlock
+
+
+@pytest.mark.parametrize("kind", ["model", "fusion"])
+def test_diagstrip_plain_global_of_our_class_is_resolved_by_outputs(kind):
+    ours, opt = small_model("custom", "global", seed=24, ssm_band_width=8)
+    user = ours if kind == "model" else ours.fusion
+    adapted, opt2, report = adapt_legacy_model(user, return_details=True)
+    own_fusion = adapted.fusion if kind == "model" else adapted
+    assert report["fusion_variant"] == "diagstrip"
+    assert [(r["variant"], r["passed"]) for r in report["variant_readings"]] == [("v1", False), ("diagstrip", True)]
+    source = report["fusion_variant_source"]
+    assert source.startswith("outputs on the probe: the diagstrip (sigmoid MHA gate) reading reproduces")
+    assert "the v1 (tanh MHA gate) reading differs" in source and "agrees with AVIGATEFusionCustom.variant" in source
+    assert report["gate_options"] == {}
+    assert all(b.gating_function.variant == "diagstrip" for b in own_fusion.fusion_layers)
+    assert report["gate_ranges"]["layers.0.gate_mha"]["activation"] == "sigmoid"
+    _check_against_user(user, adapted, kind, opt)
+
+
+def test_diagstrip_plain_global_without_any_marker_is_told_by_outputs():
+    ours, opt = small_model("custom", "global", seed=25, ssm_band_width=8)
+    user = _legacy_copy(ours, opt, fusion_cls=SigmoidFusion)
+    assert not any(hasattr(m, "variant") or any(a.startswith("ssm") for a in vars(m)) for m in user.fusion.modules())
+    assert {k: v.shape for k, v in user.fusion.state_dict().items()} == {
+        k: v.shape for k, v in OrigFusionCustom(256, 4, 2, "global").state_dict().items()}
+    adapted, opt2, report = adapt_legacy_model(user, return_details=True)
+    assert report["fusion_variant"] == "diagstrip" and report["equivalence"]["batching"] == "original"
+    assert [(r["variant"], r["passed"]) for r in report["variant_readings"]] == [("v1", False), ("diagstrip", True)]
+    assert report["variant_readings"][0]["max_abs_diff"] > 1e-3
+    assert report["fusion_variant_source"].startswith("outputs on the probe") and "agrees" not in \
+        report["fusion_variant_source"]
+    assert "told by outputs" in report["summary"]
+    assert fusion_variant(opt2) == "diagstrip" and opt2.gating_type == "global"
+    assert report["gate_ranges"]["layers.1.gate_mha"]["activation"] == "sigmoid"
+    _check_against_user(user, adapted, "model", opt)
+
+    # the same weights under the tanh gate are the v1 reading, found first
+    v1 = _legacy_copy(ours, opt)
+    _, opt_v1, report_v1 = adapt_legacy_model(v1, return_details=True)
+    assert report_v1["fusion_variant"] == "v1" and fusion_variant(opt_v1) == "v1"
+    assert [(r["variant"], r["passed"]) for r in report_v1["variant_readings"]] == [("v1", True)]
+
+
+def test_plain_global_module_matching_neither_reading_is_refused():
+    ours, opt = small_model("custom", "global", seed=26)
+    with pytest.raises(EquivalenceError) as err:
+        adapt_legacy_model(_legacy_copy(ours, opt, fusion_cls=SoftsignFusion))
+    msg = str(err.value)
+    assert isinstance(err.value, IncompatibleModelError)
+    assert "does not reproduce the given model under either reading" in msg and "both tried" in msg
+    assert "v1 (tanh MHA gate): max abs diff" in msg and "diagstrip (sigmoid MHA gate): max abs diff" in msg
+
+
+def test_declared_variant_that_outputs_contradict_is_refused():
+    ours, _ = small_model("custom", "global", seed=27)  # v1 gates
+    ours.fusion.variant = "diagstrip"  # the module claims otherwise
+    with pytest.raises(IncompatibleModelError, match="says fusion variant diagstrip .* outputs match the v1"):
+        adapt_legacy_model(ours)
+    ours.fusion.variant = "v2"
+    with pytest.raises(IncompatibleModelError, match="says fusion variant v2 .* lack the v2 gate parameters"):
+        adapt_legacy_model(ours)
+
+
+@pytest.mark.parametrize("gating", ["clipwise", "elementwise"])
+def test_v1_non_global_gating_needs_one_reading(gating):
+    ours, opt = small_model("custom", gating, seed=28)
+    _, _, report = adapt_legacy_model(_legacy_copy(ours, opt), return_details=True)
+    assert report["fusion_variant"] == "v1" and len(report["variant_readings"]) == 1
+    assert report["fusion_variant_source"] == f"no v2 or SSM gate weights; v1 and diagstrip compute {gating} gating alike"
+
+
+# ------------------------------------------------------------------------------------------------
 # the original research checkpoints
 # ------------------------------------------------------------------------------------------------
 
@@ -467,3 +708,26 @@ def test_fixture_layers_keep_their_own_trained_weights():
         assert torch.equal(model.state_dict()[f"fusion.fusion_layers.1.{name}"], layer1)
     assert report["legacy_adapter"]["n_parameters"] == 11_340_077
     assert report["legacy_adapter"]["equivalence"]["max_abs_diff"] == 0.0
+
+
+@requires_fixtures
+@pytest.mark.parametrize("name", ["ckpt_v2_clipwise_film", "ckpt_ssm_diagstrip"])
+def test_research_checkpoints_of_later_branches_adapt_in_memory(name):
+    """A model loaded from a v2 FiLM / diagstrip SSM research checkpoint, given as an in-memory object."""
+    from qd_detr.checkpoint import load_checkpoint
+    model, opt, loaded = load_checkpoint(FIXTURES / name / "model.ckpt", device="cpu")
+    adapted, _, report = adapt_legacy_model(model, return_details=True)
+    assert report["gating_type"] == opt.gating_type and report["fusion_variant"] == loaded["fusion_variant"]
+    # the values the checkpoint's options state are found on the modules (or in the weights)
+    assert {k: v["value"] for k, v in report["gate_options"].items()} == {
+        k: v["value"] for k, v in loaded["gate_options"].items()}
+    assert all(v["source"].startswith(("fusion_layers[*].", "weights")) for v in report["gate_options"].values())
+    if name == "ckpt_v2_clipwise_film":
+        assert report["gate_options"]["mha_gate_temp"]["value"] == 2.0
+        assert report["gates"]["kinds"] == ["mha", "ffn", "beta"]
+    else:
+        assert report["gate_options"]["ssm_dilations"]["value"] == [1, 2, 4]
+        assert report["gates"]["kinds"] == ["mha", "ffn"]
+    assert report["weights"]["identical"] == len(model.state_dict())
+    assert report["equivalence"]["max_abs_diff"] == 0.0
+    _check_against_user(model, adapted, "model", opt)

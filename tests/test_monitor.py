@@ -7,8 +7,14 @@ import pytest
 import torch
 
 from conftest import small_model
-from gate_analysis.monitor import (EVOLUTION_COLUMNS, DatasetBatches, GateMonitor, plot_gate_evolution,
-                                   read_gate_evolution, summarize_gate_evolution)
+from gate_analysis.monitor import (
+    EVOLUTION_COLUMNS,
+    DatasetBatches,
+    GateMonitor,
+    plot_gate_evolution,
+    read_gate_evolution,
+    summarize_gate_evolution,
+)
 from qd_detr.dataset import QVHighlightsDataset, model_kwargs
 from qd_detr.errors import ConfigError, DataError
 from qd_detr.gates import GateRecorder

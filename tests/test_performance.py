@@ -3,8 +3,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gate_analysis.performance import (CSV_COLUMNS, apply_subset, correlation_table, failure_cases, failure_comparison,
-                                       performance_table, query_gate_features, read_subset, subset_comparison)
+from gate_analysis.performance import (
+    CSV_COLUMNS,
+    apply_subset,
+    correlation_table,
+    failure_cases,
+    failure_comparison,
+    performance_table,
+    query_gate_features,
+    read_subset,
+    subset_comparison,
+)
 from qd_detr.errors import ConfigError, DataError
 from qd_detr.eval import per_query_metrics
 

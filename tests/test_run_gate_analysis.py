@@ -8,8 +8,16 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import (FIXTURE_DATA, FIXTURES, ROOT, demo_feature_args, fixture_feature_args, requires_fixtures,
-                      save_checkpoint, small_model)
+from conftest import (
+    FIXTURE_DATA,
+    FIXTURES,
+    ROOT,
+    demo_feature_args,
+    fixture_feature_args,
+    requires_fixtures,
+    save_checkpoint,
+    small_model,
+)
 from gate_analysis.stats import CSV_COLUMNS
 from gate_analysis_utils import load_gate_run
 from qd_detr.dataset import collate, model_kwargs, read_jsonl
@@ -59,7 +67,8 @@ def test_outputs_are_complete_and_documented(elementwise_run):
 def test_streamed_ground_truth_equals_the_stored_gates(elementwise_run, tmp_path):
     """The pipeline computes the ground-truth tables while it infers; recomputing them from the stored
     gates writes byte-identical CSVs."""
-    from gate_analysis.ground_truth import CSV_COLUMNS as GT_COLUMNS, write_ground_truth
+    from gate_analysis.ground_truth import CSV_COLUMNS as GT_COLUMNS
+    from gate_analysis.ground_truth import write_ground_truth
     model, opt, paths, out, stdout = elementwise_run
     records = read_jsonl(paths["jsonl"]["val"])
     per_query, _, written = write_ground_truth(records, tmp_path, gate_run=load_gate_run(out))
