@@ -16,8 +16,10 @@
 """
 import os
 
-from gate_analysis.stats import CSV_COLUMNS, GateStatsAccumulator, write_stats_csvs
-from gate_analysis.store import GateRun, GateStoreWriter, load_gate_run
+from gate_analysis.sink import GateSink
+from gate_analysis.stats import GateStatsAccumulator
+from gate_analysis.stats_csv import CSV_COLUMNS, write_stats_csvs
+from gate_analysis.store import GateRun, load_gate_run
 from qd_detr.gates import fusion_gate_kinds, fusion_gate_ranges, fusion_gating_type, fusion_num_layers
 
 __all__ = ["GateAnalyzer", "load_gate_run", "GateRun", "GateStatsAccumulator", "write_stats_csvs", "CSV_COLUMNS"]
@@ -51,17 +53,14 @@ class GateAnalyzer:
         """Write raw gates (gates/), gate_*.csv and plots/ into ``output_dir``; return the paths.
         An earlier analysis in ``output_dir`` is replaced only with ``overwrite=True``."""
         os.makedirs(output_dir, exist_ok=True)
-        kinds, ranges = fusion_gate_kinds(self.fusion), fusion_gate_ranges(self.fusion)
-        writer = GateStoreWriter(output_dir, self.gating_type, len(self.layers), overwrite=overwrite,
-                                 hidden_dim=getattr(self.fusion, "hidden_dim", None), kinds=kinds, gate_ranges=ranges)
-        acc = GateStatsAccumulator(self.gating_type, self.layers, kinds=kinds, gate_ranges=ranges)
+        sink = GateSink(output_dir, self.gating_type, len(self.layers), overwrite=overwrite,
+                        hidden_dim=getattr(self.fusion, "hidden_dim", None), kinds=fusion_gate_kinds(self.fusion),
+                        gate_ranges=fusion_gate_ranges(self.fusion))
         for qid, vid, rec in self._keyed():
-            writer.add(qid, vid, rec.gates, n_clips=rec.n_clips)
-            acc.update(qid, rec.gates, vid=vid, n_clips=rec.n_clips)
-        writer.close()
-        paths = {"gates": os.path.join(output_dir, "gates")}
-        paths.update(write_stats_csvs(acc, output_dir, top_n=top_n))
+            sink.add(qid, vid, rec.gates, n_clips=rec.n_clips)
+        sink.close()
+        paths = {"gates": sink.gates_dir}
+        paths.update(sink.write_csvs(top_n=top_n))
         if plots:
-            from gate_analysis.plots import plot_all
-            paths["plots"] = plot_all(acc, load_gate_run(output_dir), output_dir, compare_qids=compare_qids)
+            paths["plots"] = sink.plot(compare_qids=compare_qids)
         return paths

@@ -15,21 +15,16 @@ another, no weight is invented, no dummy model), then prove it: every tensor equ
 (``torch.equal``) and, on a ragged probe batch, outputs and fused video features with tracking on
 equal the reference (checkpoint: the same weights with no hook; in-memory: the given model) within
 1e-6. ``report["legacy_adapter"]`` (checkpoint) or the report itself (in-memory) holds the proof.
-The implementation lives in ``gate_analysis.legacy``.
+The implementation: ``gate_analysis.legacy`` (the checkpoint loader), ``gate_analysis.adapter``
+(in-memory models), ``gate_analysis.equivalence`` (the proof), ``gate_analysis.compat`` (the
+compatibility report), ``qd_detr.keys`` (the key table) and ``qd_detr.checkpoint`` (reading once).
 """
-from gate_analysis.legacy import (
-                                  FUSION_SCOPE_PREFIX,
-                                  KEY_RENAMES,
-                                  KEY_TABLE,
-                                  TOLERANCE,
-                                  EquivalenceError,
-                                  IncompatibleModelError,
-                                  adapt_legacy_model,
-                                  check_compatibility,
-                                  classify_keys,
-                                  inspect_checkpoint,
-                                  load_legacy_model_with_gate_tracking,
-)
+from gate_analysis.adapter import adapt_legacy_model
+from gate_analysis.compat import check_compatibility
+from gate_analysis.equivalence import TOLERANCE, EquivalenceError
+from gate_analysis.legacy import load_legacy_model_with_gate_tracking
+from qd_detr.checkpoint import inspect_checkpoint
+from qd_detr.keys import FUSION_SCOPE_PREFIX, KEY_RENAMES, KEY_TABLE, IncompatibleModelError, classify_keys
 
 __all__ = ["load_legacy_model_with_gate_tracking", "adapt_legacy_model", "check_compatibility",
            "inspect_checkpoint", "classify_keys", "IncompatibleModelError", "EquivalenceError", "KEY_RENAMES",

@@ -17,31 +17,23 @@ import argparse
 import json
 import sys
 
-from gate_analysis.legacy import check_compatibility, format_report
-from qd_detr.cli import add_architecture_args, architecture_options, positive_int
-from qd_detr.config import GATING_TYPES
+from gate_analysis.compat import check_compatibility, format_report
+from qd_detr.cli import add_feature_args, architecture_options, model_args, positive_int
+
+__all__ = ["get_args_parser", "main"]
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model_path", required=True, help="checkpoint file written by QD-DETR training")
-    p.add_argument("--data_path", default=None, help="optional JSONL: run one real batch through the model")
-    p.add_argument("--v_feat_dirs", nargs="+", default=None,
-                   help="video feature folders (default: from the checkpoint)")
-    p.add_argument("--t_feat_dir", default=None, help="text feature folder (default: from the checkpoint)")
-    p.add_argument("--a_feat_dir", default=None, help="audio feature folder (default: from the checkpoint)")
-    p.add_argument("--batch_size", type=positive_int, default=4, help="queries in the real batch (default: 4)")
-    p.add_argument("--gating_type", choices=GATING_TYPES, default=None,
-                   help="checked against the checkpoint's options; required only when they do not say it")
-    p.add_argument("--trust_checkpoint", action="store_true",
-                   help="allow full unpickling of the checkpoint (only for files you trust)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
-    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
-    p.add_argument("--original_predictions", default=None, metavar="FILE",
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[model_args(model_path_required=True)])
+    g = p.add_argument_group("data", "optional: one real batch through the model, and the re-run of the original "
+                                     "run's predictions")
+    add_feature_args(g)
+    g.add_argument("--batch_size", type=positive_int, default=4, help="queries in the real batch (default: 4)")
+    g.add_argument("--original_predictions", default=None, metavar="FILE",
                    help="the original run's prediction file to reproduce (default: found beside the checkpoint)")
-    p.add_argument("--skip_reproduction", action="store_true",
+    g.add_argument("--skip_reproduction", action="store_true",
                    help="do not re-run the original run's predictions")
-    add_architecture_args(p)
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     return p
 
 

@@ -9,8 +9,6 @@ import sys
 import threading
 import traceback
 
-from .store import load_gate_run
-
 __all__ = ["OrderedWorker", "PlotJob", "release_freed_memory"]
 
 
@@ -76,10 +74,8 @@ class OrderedWorker:
 
 
 def _draw(acc, out, compare, more):
-    from .plots import plot_all
-    run = load_gate_run(out)
-    paths = plot_all(acc, run, out, compare_qids=compare)
-    return paths + (more(run) if more is not None else [])
+    from .sink import plot_gate_store
+    return plot_gate_store(acc, out, compare_qids=compare, more=more)
 
 
 def _plot_process(conn, acc, out, compare, more):
@@ -92,7 +88,8 @@ def _plot_process(conn, acc, out, compare, more):
 
 
 class PlotJob:
-    """``plots.plot_all`` for a finished run, then ``more(gate_run)`` (more figures; returns their paths).
+    """``sink.plot_gate_store`` for a finished run: ``plots.plot_all``, then ``more(gate_run)`` (more figures;
+    returns their paths).
     On Linux it runs in a forked process, so the figures are drawn while the caller computes metrics and
     tables (set AVIGATE_PLOT_PROCESS=0 to draw inline). ``result()`` waits and returns the written
     paths; ``cancel()`` stops an unfinished job."""

@@ -22,13 +22,25 @@ import numpy as np
 import pandas as pd
 
 from qd_detr.errors import ConfigError, DataError
-from qd_detr.postprocess import write_json
+from qd_detr.gates import GATE_KINDS, gate_name
+from qd_detr.io import write_csv
 
+from .manifest import write_run_json
+from .outputs import (
+    COMPARE_LAYERS_FILE,
+    COMPARE_PLOTS,
+    COMPARE_QUERIES_FILE,
+    COMPARE_RUNS_FILE,
+    GATES_DIR,
+    GATES_META_FILE,
+    RUN_FILE,
+    STATS_CSV_FILES,
+)
 from .ranges import ranges_from_meta
-from .store import GATE_KINDS, atomic_write_csv, gate_name, load_gate_run
+from .store import load_gate_run
 
-__all__ = ["load_run_summary", "compare_runs", "write_compare", "plot_compare", "run_compare_job", "CSV_COLUMNS",
-           "PLOT_FILES"]
+__all__ = ["load_run_summary", "check_run_dirs", "compare_runs", "write_compare", "run_compare_job", "run_gate_ranges",
+           "CSV_COLUMNS", "PLOT_FILES", "ALL"]
 
 ALL = "all"
 BRIEF_KEYS = ("MR-full-mAP", "MR-full-R1@0.5", "MR-full-R1@0.7", "HL-min-VeryGood-mAP", "HL-min-VeryGood-Hit1")
@@ -39,7 +51,7 @@ _ID = {"layer": "Fusion layer index ('all': the query's mean over its layers).",
        "name": "Dotted gate name 'layers.{layer}.gate_{gate}'."}
 
 CSV_COLUMNS = {
-    "gate_compare_runs.csv": {
+    COMPARE_RUNS_FILE: {
         **_RUN,
         "path": "Absolute path of the run's output folder.",
         "layout": "Fusion layout (run.json; '' when unknown).",
@@ -52,7 +64,7 @@ CSV_COLUMNS = {
         "n_queries": "Queries with gates in the run.",
         **{k: f"Official {k} of the run (empty without labels)." for k in BRIEF_KEYS},
     },
-    "gate_compare_layers.csv": {
+    COMPARE_LAYERS_FILE: {
         **_RUN,
         **_ID,
         "n_queries": "Queries of the run.",
@@ -63,7 +75,7 @@ CSV_COLUMNS = {
         "p75": "75th percentile of the per-query mean gate.",
         "mean_within_std": "Mean over queries of the within-query std of the gate (spread over clips/dims).",
     },
-    "gate_compare_queries.csv": {
+    COMPARE_QUERIES_FILE: {
         "qid": "QVHighlights query id (present in every run).",
         **_ID,
         **_RUN,
@@ -71,7 +83,7 @@ CSV_COLUMNS = {
         "diff_vs_first": "mean minus the same query's mean in run 0.",
     },
 }
-PLOT_FILES = {"layers": "compare_layer_evolution.png", "queries": "compare_query_differences.png"}
+PLOT_FILES = COMPARE_PLOTS
 
 
 def _read_json(path):
@@ -88,9 +100,9 @@ def run_gate_ranges(run_dir, manifest=None):
     """{gate name: GateRange} declared by a run (run.json, else gates/meta.json); {} when it records none
     (gates of such a run are tanh [-1, 1])."""
     if manifest is None:
-        manifest = _read_json(os.path.join(os.fspath(run_dir), "run.json")) or {}
-    return ranges_from_meta(manifest) or ranges_from_meta(_read_json(os.path.join(os.fspath(run_dir), "gates",
-                                                                                   "meta.json")))
+        manifest = _read_json(os.path.join(os.fspath(run_dir), RUN_FILE)) or {}
+    return ranges_from_meta(manifest) or ranges_from_meta(_read_json(os.path.join(os.fspath(run_dir), GATES_DIR,
+                                                                                   GATES_META_FILE)))
 
 
 def load_run_summary(run_dir, manifest=None):
@@ -100,8 +112,8 @@ def load_run_summary(run_dir, manifest=None):
     if not os.path.isdir(path):
         raise DataError(f"{path}: run folder not found")
     if manifest is None:
-        manifest = _read_json(os.path.join(path, "run.json")) or {}
-    csv_path = os.path.join(path, "gate_stats_per_query.csv")
+        manifest = _read_json(os.path.join(path, RUN_FILE)) or {}
+    csv_path = os.path.join(path, STATS_CSV_FILES["per_query"])
     gating_type = (manifest.get("model") or {}).get("gating_type")
     if os.path.isfile(csv_path):
         pq = pd.read_csv(csv_path, usecols=["qid", "layer", "gate", "mean", "std"])
@@ -116,7 +128,7 @@ def load_run_summary(run_dir, manifest=None):
     if len(pq) == 0:
         raise DataError(f"{path}: the run has no gates")
     if gating_type is None:
-        meta = _read_json(os.path.join(path, "gates", "meta.json")) or {}
+        meta = _read_json(os.path.join(path, GATES_DIR, GATES_META_FILE)) or {}
         gating_type = meta.get("gating_type", "")
     pq = pq.astype({"qid": np.int64, "layer": np.int64, "gate": str})
     return {"path": path, "manifest": manifest, "gating_type": gating_type or "", "per_query": pq,
@@ -130,6 +142,22 @@ def _labels(paths):
     if len(set(names)) < len(names):
         names = [f"{i}:{n}" for i, n in enumerate(names)]
     return names
+
+
+def check_run_dirs(run_dirs, output_dir=None):
+    """Check ``--compare_runs`` folders before any work: each exists and holds gate statistics
+    (``gate_stats_per_query.csv`` or a gate store), none is given twice (``output_dir``, the run being
+    written, counts as one of them). Raises the errors ``compare_runs`` would raise later."""
+    paths = [os.path.abspath(os.fspath(d)) for d in run_dirs] + ([os.path.abspath(output_dir)] if output_dir else [])
+    if len(set(paths)) < len(paths):
+        raise ConfigError("--compare_runs: the same run folder is given twice")
+    for path in paths[:len(run_dirs)]:
+        if not os.path.isdir(path):
+            raise DataError(f"{path}: run folder not found")
+        if not (os.path.isfile(os.path.join(path, STATS_CSV_FILES["per_query"]))
+                or os.path.isfile(os.path.join(path, GATES_DIR, GATES_META_FILE))):
+            raise DataError(f"{path}: not a gate-analysis output folder (no {STATS_CSV_FILES['per_query']} and no "
+                            f"{GATES_DIR}/meta.json)")
 
 
 def compare_runs(run_dirs, overrides=None):
@@ -181,9 +209,9 @@ def compare_runs(run_dirs, overrides=None):
     queries["_l"] = [99999 if l == ALL else int(l) for l in queries["layer"]]
     queries["_g"] = [GATE_KINDS.index(g) if g in GATE_KINDS else 9 for g in queries["gate"]]
     queries = queries.sort_values(["_q", "_l", "_g", "run"], kind="stable")
-    queries = queries[list(CSV_COLUMNS["gate_compare_queries.csv"])].reset_index(drop=True)
-    runs = pd.DataFrame(run_rows, columns=list(CSV_COLUMNS["gate_compare_runs.csv"]))
-    layers = pd.DataFrame(layer_rows, columns=list(CSV_COLUMNS["gate_compare_layers.csv"]))
+    queries = queries[list(CSV_COLUMNS[COMPARE_QUERIES_FILE])].reset_index(drop=True)
+    runs = pd.DataFrame(run_rows, columns=list(CSV_COLUMNS[COMPARE_RUNS_FILE]))
+    layers = pd.DataFrame(layer_rows, columns=list(CSV_COLUMNS[COMPARE_LAYERS_FILE]))
     return runs, layers, queries
 
 
@@ -191,71 +219,7 @@ def write_compare(output_dir, runs, layers, queries):
     """Write the three CSVs; returns {file name: path}."""
     paths = {}
     for name, df in zip(CSV_COLUMNS, (runs, layers, queries)):
-        paths[name] = atomic_write_csv(df, os.path.join(output_dir, name), float_format="%.9g")
-    return paths
-
-
-def plot_compare(runs, layers, queries, output_dir, max_queries=80, gate_ranges=None):
-    """Per-layer mean ± spread across runs, and per-query differences vs the first run; returns paths.
-    Gate axes and colours cover every run's declared ranges (``gate_ranges``: one {gate name: GateRange}
-    per run; default: read from the runs' folders; tanh [-1, 1] for runs that declare none)."""
-    from . import plots as P
-    plt = P.plt
-    if gate_ranges is None:
-        gate_ranges = [run_gate_ranges(path) if os.path.isdir(str(path)) else {} for path in runs["path"]]
-    per_run = [g or None for g in gate_ranges] or [None]
-    out = os.path.join(output_dir, "plots")
-    os.makedirs(out, exist_ok=True)
-    kinds = [k for k in GATE_KINDS if (layers["gate"] == k).any()]
-    run_labels = list(runs["run_label"])
-    x = np.arange(len(run_labels))
-    fig, axes = plt.subplots(2, len(kinds), figsize=(max(5.5, 1.1 * len(x) + 3) * len(kinds), 7.2),
-                             layout=P.LAYOUT, squeeze=False, sharex=True)
-    cmap = plt.get_cmap("viridis")
-    all_layers = sorted(layers["layer"].unique())
-    for j, kind in enumerate(kinds):
-        for c, layer in enumerate(all_layers):
-            s = layers[(layers["gate"] == kind) & (layers["layer"] == layer)].set_index("run").reindex(x)
-            color = cmap(c / max(len(all_layers) - 1, 1))
-            axes[0, j].plot(x, s["mean"], "o-", color=color, label=f"layer {layer}")
-            axes[0, j].fill_between(x, s["p25"], s["p75"], color=color, alpha=0.15)
-            axes[1, j].plot(x, s["std"], "o-", color=color, label=f"layer {layer}: across queries")
-            axes[1, j].plot(x, s["mean_within_std"], "x:", color=color)
-        sc = P._union_scale([P._scale(None, kind, g) for g in per_run])
-        P._value_lim(axes[0, j], sc, layers.loc[layers["gate"] == kind, ["p25", "p75", "mean"]].to_numpy())
-        P._zero_line(axes[0, j], sc, axis="y")
-        axes[0, j].set_ylabel("mean of per-query mean gate\n(band: IQR over queries)")
-        axes[0, j].set_title(P._kind_label(kind, sc.rng), fontsize=10, loc="left")
-        axes[0, j].legend(fontsize=7)
-        axes[1, j].set_ylim(bottom=0)
-        axes[1, j].set_ylabel("spread: std across queries (o)\nmean std within a query (x)")
-        axes[1, j].set_xticks(x, run_labels, rotation=25, ha="right", fontsize=8)
-        axes[1, j].set_xlabel("run")
-    fig.suptitle("Per-layer gates across runs", fontsize=12)
-    paths = [P._save(fig, os.path.join(out, PLOT_FILES["layers"]))]
-
-    allq = queries[queries["layer"].astype(str) == ALL]
-    if len(allq):
-        fig, axes = plt.subplots(1, len(kinds), figsize=(max(5, 0.9 * len(x) + 3.5) * len(kinds),
-                                                         P._heatmap_height(min(allq["qid"].nunique(), max_queries))),
-                                 layout=P.LAYOUT, squeeze=False)
-        for ax, kind in zip(axes[0], kinds):
-            sc = P._union_scale([P._scale(None, kind, g) for g in per_run])
-            cmap_g, norm, _ = P._cmap_norm(sc)
-            mat = allq[allq["gate"] == kind].pivot_table(index="qid", columns="run", values="mean", sort=False)
-            if len(mat) > max_queries:
-                mat = mat.iloc[P._subsample(len(mat), max_queries)]
-            im = ax.imshow(mat.to_numpy(float), aspect="auto", cmap=cmap_g, norm=norm, interpolation="nearest")
-            ax.set_xticks(np.arange(mat.shape[1]), [run_labels[r] for r in mat.columns], rotation=25, ha="right",
-                          fontsize=8)
-            ax.set_yticks(np.arange(len(mat)), [f"qid {q}" for q in mat.index], fontsize=6)
-            d = allq[(allq["gate"] == kind) & (allq["run"] == allq["run"].max())]["diff_vs_first"]
-            ax.set_title(f"{gate_name(ALL, kind)} per query\nlast vs first run: mean |diff| {d.abs().mean():.3f}",
-                         fontsize=9, loc="left")
-            P._colorbar(fig, im, ax, sc, "query mean gate")
-        fig.suptitle(f"Per-query mean gate in each run ({allq['qid'].nunique()} queries present in all runs)",
-                     fontsize=11)
-        paths.append(P._save(fig, os.path.join(out, PLOT_FILES["queries"])))
+        paths[name] = write_csv(df, os.path.join(output_dir, name), float_format="%.9g")
     return paths
 
 
@@ -264,7 +228,10 @@ def run_compare_job(run_dirs, output_dir, plots=True, log=print):
     t0 = time.time()
     runs, layers, queries = compare_runs(run_dirs)
     files = write_compare(output_dir, runs, layers, queries)
-    plot_paths = plot_compare(runs, layers, queries, output_dir) if plots else []
+    plot_paths = []
+    if plots:
+        from .plots_compare import plot_compare
+        plot_paths = plot_compare(runs, layers, queries, output_dir)
     manifest = {"kind": "compare", "status": "complete",
                 "finished": datetime.datetime.now().isoformat(timespec="seconds"),
                 "seconds": round(time.time() - t0, 2),
@@ -272,9 +239,21 @@ def run_compare_job(run_dirs, output_dir, plots=True, log=print):
                 "counts": {"runs": len(runs), "common_queries": int(queries["qid"].nunique())},
                 "files": {"csv": {k: os.path.relpath(v, output_dir) for k, v in files.items()},
                           "plots": [os.path.relpath(p, output_dir) for p in plot_paths]}}
-    write_json(os.path.join(output_dir, "run.json"), manifest)
+    write_run_json(output_dir, manifest, "complete")
     from .report import write_report
     report = write_report(output_dir)
     log(f"Compared {len(runs)} runs ({manifest['counts']['common_queries']} queries in all): "
         f"{', '.join(runs['run_label'])}\n  outputs in {output_dir}: {', '.join(files)}, plots/, {os.path.basename(report)}")
     return manifest
+
+
+# re-export (H-F): the figures moved to gate_analysis.plots_compare, loaded with matplotlib on first use
+_PLOT_NAMES = ("plot_compare",)
+__all__ += _PLOT_NAMES
+
+
+def __getattr__(name):
+    if name in _PLOT_NAMES:
+        from . import plots_compare
+        return getattr(plots_compare, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,23 +18,29 @@ failure cases against matched successes, and query subsets (e.g. audio-related q
 """
 import json
 import os
-import warnings
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from qd_detr.errors import ConfigError, DataError
 from qd_detr.eval import per_query_metrics
+from qd_detr.gates import gate_name
 from qd_detr.inference import evaluate
+from qd_detr.io import write_csv
 
-from .ground_truth import _spearman, _wilcoxon
-from .store import GATE_KINDS, atomic_write_csv, gate_name
+from .outputs import (
+    FAILURE_COMPARISON_FILE,
+    FAILURE_PAIRS_FILE,
+    PERFORMANCE_CORRELATIONS_FILE,
+    PERFORMANCE_FILE,
+    PERFORMANCE_PLOTS,
+    SUBSET_COMPARISON_FILE,
+)
+from .rank_stats import mann_whitney, paired_wilcoxon, spearman
 
 __all__ = ["performance_table", "correlation_table", "failure_cases", "failure_comparison", "read_subset",
-           "apply_subset", "subset_comparison", "query_gate_features", "write_performance", "plot_performance",
-           "plot_failure_cases", "plot_subset_comparison", "CSV_COLUMNS", "PLOT_FILES", "METRICS",
-           "SUCCESS_IOU"]
+           "apply_subset", "subset_comparison", "query_gate_features", "write_performance", "CSV_COLUMNS",
+           "PLOT_FILES", "METRICS", "SUCCESS_IOU"]
 
 #: per-query metrics of ``qd_detr.eval.per_query_metrics`` joined with the gates
 METRICS = ("top1_iou", "r1_05", "r1_07", "mr_ap", "mr_ap_05", "mr_ap_075", "hl_hit1_verygood", "hl_ap_verygood")
@@ -49,7 +55,7 @@ _ID = {"layer": "Fusion layer index, or 'all' for the mean of the query's per-la
        "name": "Dotted gate name 'layers.{layer}.gate_{gate}' ('layers.all.gate_{gate}' for all layers)."}
 
 CSV_COLUMNS = {
-    "gate_performance.csv": {
+    PERFORMANCE_FILE: {
         "qid": "QVHighlights query id (labelled, predicted queries).",
         "vid": "Video id of the query.",
         **_ID,
@@ -71,7 +77,7 @@ CSV_COLUMNS = {
         "ablation_delta_top1_iou": "Its per-query change in top-1 IoU (ablated - baseline; < 0: audio helped).",
         "ablation_delta_mr_ap": "Its per-query change in MR AP (ablated - baseline, points).",
     },
-    "gate_performance_correlations.csv": {
+    PERFORMANCE_CORRELATIONS_FILE: {
         **_ID,
         "x": "Gate feature: gate_mean, gate_std or contribution_mean.",
         "y": "Metric (top1_iou, mr_ap, hl_ap_verygood, hl_hit1_verygood) or intervention effect "
@@ -82,7 +88,7 @@ CSV_COLUMNS = {
         "rho": "Spearman's rho (NaN when either side is constant or n < 3).",
         "p_value": "Two-sided p-value (scipy.stats.spearmanr).",
     },
-    "gate_failure_pairs.csv": {
+    FAILURE_PAIRS_FILE: {
         "pair": "Pair index (0 = the worst failure).",
         "failure_qid": "A failed query (among the N lowest top-1 IoU).",
         "failure_top1_iou": "Its top-1 IoU.",
@@ -95,7 +101,7 @@ CSV_COLUMNS = {
         "matched_window_length": "Its total relevant-window length (s).",
         "distance": "Euclidean distance of the pair in standardised (duration, window length).",
     },
-    "gate_failure_comparison.csv": {
+    FAILURE_COMPARISON_FILE: {
         **_ID,
         "feature": "gate_mean or contribution_mean (per query).",
         "n_pairs": "Matched pairs.",
@@ -104,7 +110,7 @@ CSV_COLUMNS = {
         "diff": "mean_failure - mean_matched.",
         "p_value": "Paired Wilcoxon signed-rank test (two-sided; NaN with < 2 non-zero differences).",
     },
-    "gate_subset_comparison.csv": {
+    SUBSET_COMPARISON_FILE: {
         "section": "'gates' (per-query gate means), 'contributions', 'metrics' (per-query metrics), 'official' "
                    "(official brief metrics of each group), 'ablation' (per-query intervention effects).",
         **_ID,
@@ -117,12 +123,7 @@ CSV_COLUMNS = {
         "p_value": "Two-sided Mann-Whitney U test of in vs out (empty for official metrics).",
     },
 }
-PLOT_FILES = {
-    "scatter": "performance_scatter.png",
-    "correlations": "performance_correlations.png",
-    "failure": "failure_cases.png",
-    "subset": "subset_split.png",
-}
+PLOT_FILES = PERFORMANCE_PLOTS
 
 
 # -- per-query table ------------------------------------------------------------------------------
@@ -155,7 +156,7 @@ def performance_table(lines, records, query_stats, contrib_summary=None, ablatio
     """``gate_performance.csv`` rows (DataFrame) for the labelled, predicted queries; empty without labels.
 
     ``ablation``: the ``ablation.csv`` frame; ``reference``: the intervention name whose effect is joined."""
-    cols = list(CSV_COLUMNS["gate_performance.csv"])
+    cols = list(CSV_COLUMNS[PERFORMANCE_FILE])
     labelled = [r for r in records if r.get("relevant_windows")]
     if not labelled:
         return pd.DataFrame(columns=cols)
@@ -193,14 +194,14 @@ def correlation_table(perf, ablation=None):
             if not np.isfinite(xs).any():
                 continue
             for y in CORRELATED_METRICS:
-                rho, p, n = _spearman(xs, sel[y].to_numpy(float))
+                rho, p, n = spearman(xs, sel[y].to_numpy(float))
                 rows.append((layer, kind, gate_name(layer, kind), x, y, "", "spearman", n, rho, p))
             for name, eff in effects.items():
                 for y in ABLATION_EFFECTS:
                     ys = eff[y].reindex(sel["qid"]).to_numpy(float)
-                    rho, p, n = _spearman(xs, ys)
+                    rho, p, n = spearman(xs, ys)
                     rows.append((layer, kind, gate_name(layer, kind), x, y, name, "spearman", n, rho, p))
-    return pd.DataFrame(rows, columns=list(CSV_COLUMNS["gate_performance_correlations.csv"]))
+    return pd.DataFrame(rows, columns=list(CSV_COLUMNS[PERFORMANCE_CORRELATIONS_FILE]))
 
 
 # -- failure cases --------------------------------------------------------------------------------
@@ -231,15 +232,7 @@ def failure_cases(perf_queries, n, success_iou=SUCCESS_IOU):
                      "matched_qid": int(m["qid"]), "matched_top1_iou": m["top1_iou"],
                      "matched_duration": m["duration"], "matched_window_length": m["window_length"],
                      "distance": float(d[j])})
-    return pd.DataFrame(rows, columns=list(CSV_COLUMNS["gate_failure_pairs.csv"]))
-
-
-def _paired_p(a, b):
-    d = np.asarray(a, float) - np.asarray(b, float)
-    d = d[np.isfinite(d)]
-    if np.count_nonzero(d) < 2:
-        return float("nan")
-    return _wilcoxon(d, 0.0)
+    return pd.DataFrame(rows, columns=list(CSV_COLUMNS[FAILURE_PAIRS_FILE]))
 
 
 def failure_comparison(pairs, perf):
@@ -253,8 +246,8 @@ def failure_comparison(pairs, perf):
             if not np.isfinite(a).any():
                 continue
             rows.append((layer, kind, gate_name(layer, kind), feature, len(pairs), float(np.nanmean(a)),
-                         float(np.nanmean(b)), float(np.nanmean(a) - np.nanmean(b)), _paired_p(a, b)))
-    return pd.DataFrame(rows, columns=list(CSV_COLUMNS["gate_failure_comparison.csv"]))
+                         float(np.nanmean(b)), float(np.nanmean(a) - np.nanmean(b)), paired_wilcoxon(a, b)))
+    return pd.DataFrame(rows, columns=list(CSV_COLUMNS[FAILURE_COMPARISON_FILE]))
 
 
 # -- subsets --------------------------------------------------------------------------------------
@@ -308,19 +301,6 @@ def apply_subset(records, path, mode="restrict"):
     return records, info
 
 
-def _mw(a, b):
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    a, b = a[np.isfinite(a)], b[np.isfinite(b)]
-    if a.size < 1 or b.size < 1:
-        return float("nan")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            return float(stats.mannwhitneyu(a, b, alternative="two-sided").pvalue)
-        except ValueError:
-            return float("nan")
-
-
 def subset_comparison(subset_qids, query_features, perf=None, ablation=None, lines=None, records=None):
     """``gate_subset_comparison.csv`` rows: queries in ``subset_qids`` vs the others."""
     inside = set(subset_qids)
@@ -336,7 +316,7 @@ def subset_comparison(subset_qids, query_features, perf=None, ablation=None, lin
         rows.append((section, layer, kind, name, statistic, float(np.nanmean(a)) if np.isfinite(a).any() else np.nan,
                      float(np.nanmean(b)) if np.isfinite(b).any() else np.nan,
                      (float(np.nanmean(a)) - float(np.nanmean(b))) if np.isfinite(a).any() and np.isfinite(b).any()
-                     else np.nan, int(np.isfinite(a).sum()), int(np.isfinite(b).sum()), _mw(a, b)))
+                     else np.nan, int(np.isfinite(a).sum()), int(np.isfinite(b).sum()), mann_whitney(a, b)))
 
     for (layer, kind), sel in query_features.groupby(["layer", "gate"], sort=False):
         m = sel["qid"].isin(inside)
@@ -365,7 +345,7 @@ def subset_comparison(subset_qids, query_features, perf=None, ablation=None, lin
             m = sel["qid"].isin(inside)
             for y in ("delta_top1_iou", "delta_mr_ap", "delta_hl_ap_verygood", "saliency_mean_abs_change"):
                 add("ablation", "", "", f"{y}[{name}]", sel.loc[m, y], sel.loc[~m, y])
-    return pd.DataFrame(rows, columns=list(CSV_COLUMNS["gate_subset_comparison.csv"]))
+    return pd.DataFrame(rows, columns=list(CSV_COLUMNS[SUBSET_COMPARISON_FILE]))
 
 
 def write_performance(output_dir, frames):
@@ -376,154 +356,17 @@ def write_performance(output_dir, frames):
             raise KeyError(name)
         if list(df.columns) != list(CSV_COLUMNS[name]):
             raise AssertionError(f"{name}: columns {list(df.columns)} differ from CSV_COLUMNS")
-        paths[name] = atomic_write_csv(df, os.path.join(output_dir, name), float_format="%.9g")
+        paths[name] = write_csv(df, os.path.join(output_dir, name), float_format="%.9g")
     return paths
 
 
-# -- plots ----------------------------------------------------------------------------------------
-def _zoomed_gate_lim(ax, x, sc):
-    """x limits around the data (gate values; at least 20% of the range ``sc`` wide, within it + 2.5%)."""
-    x = x[np.isfinite(x)]
-    width = sc.hi - sc.lo
-    if not x.size:
-        ax.set_xlim(sc.lo - 0.01 * width, sc.hi + 0.01 * width)
-        return
-    lo, hi = float(x.min()), float(x.max())
-    pad = max(0.2 * width - (hi - lo), 0) / 2 + 0.05 * (hi - lo)
-    ax.set_xlim(max(lo - pad, min(lo, sc.lo) - 0.025 * width), min(hi + pad, max(hi, sc.hi) + 0.025 * width))
+# re-export (H-F): the figures moved to gate_analysis.plots_performance, loaded with matplotlib on first use
+_PLOT_NAMES = ("plot_performance", "plot_failure_cases", "plot_subset_comparison")
+__all__ += _PLOT_NAMES
 
 
-def plot_performance(perf, corr, output_dir, gate_ranges=None):
-    """Scatter of the per-query mean gate (per layer and over all layers) vs top-1 IoU and vs the
-    audio-off effect, and the correlation heatmap; returns the written paths. Colours follow each
-    gate's declared range (``gate_ranges``; tanh [-1, 1] without)."""
-    from . import plots as P
-    plt = P.plt
-    out = os.path.join(output_dir, "plots")
-    os.makedirs(out, exist_ok=True)
-    paths = []
-    kinds = [k for k in GATE_KINDS if (perf["gate"] == k).any()]
-    layers = [l for l in dict.fromkeys(perf["layer"]) if str(l) != ALL] + [ALL]
-    ys = [("top1_iou", "top-1 IoU", (-0.03, 1.03))]
-    if perf["ablation_delta_top1_iou"].notna().any():
-        ys.append(("ablation_delta_top1_iou",
-                   f"Δ top-1 IoU under {perf['ablation_intervention'].iloc[0]}\n(< 0: audio helped)", (-1.05, 1.05)))
-    rows = [(y, kind) for y in ys for kind in kinds]
-    fig, axes = plt.subplots(len(rows), len(layers), figsize=(3.3 * len(layers) + 1, 3.0 * len(rows) + 0.9),
-                             layout=P.LAYOUT, squeeze=False, sharey="row")
-    for i, ((y, label, ylim), kind) in enumerate(rows):
-        for j, layer in enumerate(layers):
-            ax = axes[i, j]
-            sc = P._scale(None, kind, gate_ranges, layer)
-            cmap, norm, _ = P._cmap_norm(sc)
-            sel = perf[(perf["gate"] == kind) & (perf["layer"].astype(str) == str(layer))]
-            x, yy = sel["gate_mean"].to_numpy(float), sel[y].to_numpy(float)
-            ax.scatter(x, yy, c=x, cmap=cmap, norm=norm, s=20, edgecolors="0.3", linewidths=0.4)
-            rho, p, n = _spearman(x, yy)
-            _zoomed_gate_lim(ax, x, sc)
-            if sc.diverging and ax.get_xlim()[0] < sc.centre < ax.get_xlim()[1]:
-                ax.axvline(sc.centre, color="0.3", lw=0.7)
-            if y.startswith("ablation"):
-                ax.axhline(0, color="0.3", lw=0.7)
-            ax.set_ylim(*ylim)
-            ax.set_xlabel(f"query mean gate ({'mean of layers' if layer == ALL else 'layer ' + str(layer)})",
-                          fontsize=8)
-            if j == 0:
-                ax.set_ylabel(label, fontsize=9)
-            ax.set_title(f"{gate_name(layer, kind)}\nrho {rho:+.2f} (p={p:.2g}, n={n})", fontsize=9, loc="left")
-    scale = "the fixed [-1, 1] scale" if not gate_ranges or P._all_tanh(gate_ranges) else "its declared range"
-    fig.suptitle(f"Per-query gate vs performance (colour: gate on {scale}; x axis zoomed to the data)",
-                 fontsize=11)
-    paths.append(P._save(fig, os.path.join(out, PLOT_FILES["scatter"])))
-
-    c = corr[(corr["x"] == "gate_mean") & ((corr["intervention"] == "") | (corr["y"] == "delta_mr_ap"))].copy()
-    if len(c):
-        c["row"] = [y if not iv else f"Δ MR AP [{iv}]" for y, iv in zip(c["y"], c["intervention"])]
-        mat = c.pivot_table(index="row", columns="name", values="rho", sort=False)
-        mat = mat[[n for n in dict.fromkeys(c["name"]) if n in mat.columns]]  # perf order: mha, ffn, beta
-        fig, ax = plt.subplots(figsize=(1.25 * mat.shape[1] + 4.5, 0.38 * mat.shape[0] + 2.4), layout=P.LAYOUT)
-        cmap_r = plt.get_cmap("RdBu_r").with_extremes(bad=P.PAD_COLOR)
-        im = ax.imshow(mat.to_numpy(float), cmap=cmap_r, vmin=-1, vmax=1, aspect="auto", interpolation="nearest")
-        for (r, k), v in np.ndenumerate(mat.to_numpy(float)):
-            if np.isfinite(v):
-                ax.text(k, r, f"{v:+.2f}", ha="center", va="center", fontsize=8)
-        ax.set_xticks(np.arange(mat.shape[1]), mat.columns, rotation=30, ha="right", fontsize=8)
-        ax.set_yticks(np.arange(mat.shape[0]), mat.index, fontsize=8)
-        cb = fig.colorbar(im, ax=ax, fraction=0.05, pad=0.02)
-        cb.set_label("Spearman rho")
-        ax.set_title("Spearman rho of the per-query mean gate with metrics\nand with intervention effects "
-                     "(Δ MR AP, ablated − base)", fontsize=10)
-        paths.append(P._save(fig, os.path.join(out, PLOT_FILES["correlations"])))
-    return paths
-
-
-def plot_failure_cases(pairs, perf, output_dir, gate_ranges=None):
-    """Per layer and gate kind: mean gate of the failures vs their matched successes (paired lines);
-    y axis: the kind's declared range (``gate_ranges``)."""
-    from . import plots as P
-    plt = P.plt
-    path = os.path.join(output_dir, "plots", PLOT_FILES["failure"])
-    kinds = [k for k in GATE_KINDS if (perf["gate"] == k).any()]
-    layers = sorted({int(l) for l in perf["layer"] if str(l) != ALL})
-    fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 4.2), layout=P.LAYOUT, squeeze=False)
-    for ax, kind in zip(axes[0], kinds):
-        for layer in layers:
-            s = perf[(perf["gate"] == kind) & (perf["layer"].astype(str) == str(layer))].drop_duplicates("qid")
-            s = s.set_index("qid")["gate_mean"]
-            a, b = s.reindex(pairs["failure_qid"]).to_numpy(float), s.reindex(pairs["matched_qid"]).to_numpy(float)
-            for k in range(len(a)):
-                ax.plot([layer - 0.15, layer + 0.15], [a[k], b[k]], color="0.75", lw=0.7, zorder=1)
-            ax.scatter(np.full(len(a), layer - 0.15), a, color="tab:red", s=14, zorder=2,
-                       label="failures" if layer == layers[0] else None)
-            ax.scatter(np.full(len(b), layer + 0.15), b, color="tab:blue", s=14, zorder=2,
-                       label="matched successes" if layer == layers[0] else None)
-        sc = P._scale(None, kind, gate_ranges)
-        P._value_lim(ax, sc, perf.loc[perf["gate"] == kind, "gate_mean"])
-        P._zero_line(ax, sc, axis="y")
-        ax.set_xticks(layers)
-        ax.set_xlabel("fusion layer")
-        ax.set_ylabel("query mean gate")
-        ax.set_title(f"{P._kind_label(kind, sc.rng)}", fontsize=10, loc="left")
-        ax.legend(fontsize=8)
-    fig.suptitle(f"{len(pairs)} worst queries (top-1 IoU) vs successes matched on duration and window length",
-                 fontsize=11)
-    return P._save(fig, path)
-
-
-def plot_subset_comparison(comp, output_dir, label="subset", gate_ranges=None):
-    """Per-layer mean gate in vs out of the subset (y axis: the kind's declared range), and the
-    per-query metrics of both groups."""
-    from . import plots as P
-    plt = P.plt
-    path = os.path.join(output_dir, "plots", PLOT_FILES["subset"])
-    g = comp[(comp["section"] == "gates") & (comp["layer"].astype(str) != ALL)]
-    met = comp[comp["section"] == "metrics"]
-    kinds = [k for k in GATE_KINDS if (g["gate"] == k).any()]
-    fig, axes = plt.subplots(1, len(kinds) + (1 if len(met) else 0), figsize=(5 * (len(kinds) + 1), 4),
-                             layout=P.LAYOUT, squeeze=False)
-    for ax, kind in zip(axes[0], kinds):
-        s = g[g["gate"] == kind]
-        x = s["layer"].astype(int).to_numpy()
-        ax.plot(x, s["mean_in"], "o-", color="tab:orange", label=f"in {label} (n={int(s['n_in'].max())})")
-        ax.plot(x, s["mean_out"], "s--", color="tab:gray", label=f"others (n={int(s['n_out'].max())})")
-        sc = P._scale(None, kind, gate_ranges)
-        P._value_lim(ax, sc, np.concatenate([s["mean_in"].to_numpy(float), s["mean_out"].to_numpy(float)]))
-        P._zero_line(ax, sc, axis="y")
-        ax.set_xticks(x)
-        ax.set_xlabel("fusion layer")
-        ax.set_ylabel("mean of per-query mean gate")
-        ax.set_title(P._kind_label(kind, sc.rng), fontsize=10, loc="left")
-        ax.legend(fontsize=8)
-    if len(met):
-        ax = axes[0, -1]
-        keep = met[met["statistic"].isin(["top1_iou", "r1_05", "r1_07"])]
-        x = np.arange(len(keep))
-        ax.bar(x - 0.2, keep["mean_in"], 0.4, color="tab:orange", label=f"in {label}")
-        ax.bar(x + 0.2, keep["mean_out"], 0.4, color="tab:gray", label="others")
-        ax.set_xticks(x, keep["statistic"])
-        ax.set_ylim(0, 1)
-        ax.set_ylabel("mean over queries")
-        ax.set_title("moment retrieval per group", fontsize=10, loc="left")
-        ax.legend(fontsize=8)
-    fig.suptitle(f"Queries in the {label} vs the others", fontsize=12)
-    return P._save(fig, path)
+def __getattr__(name):
+    if name in _PLOT_NAMES:
+        from . import plots_performance
+        return getattr(plots_performance, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

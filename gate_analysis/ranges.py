@@ -27,14 +27,12 @@ near-white = r); sigmoid gates use a sequential white-to-red scale from 0 to sca
 import math
 from dataclasses import dataclass
 
-from qd_detr.gates import GATE_KINDS, GateRange, gate_name
+from qd_detr.gates import DEFAULT_KINDS, GATE_KINDS, GateRange, gate_name
 
 __all__ = ["TANH", "DEFAULT_KINDS", "GateThresholds", "as_range", "resolve_ranges", "ranges_as_dict",
            "ranges_from_meta", "kind_range", "reference", "thresholds", "meaning", "short_meaning",
            "describe_ranges", "range_key"]
 
-#: The gate kinds every layout has (and the default where kinds are not given).
-DEFAULT_KINDS = ("mha", "ffn")
 #: The range of a v1 gate, assumed for stores and runs that declare none.
 TANH = GateRange("tanh", -1.0, 1.0, off=0.0, formula="tanh(mlp)")
 

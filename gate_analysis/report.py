@@ -13,11 +13,33 @@ import os
 
 import pandas as pd
 
-from .store import atomic_write_text
+from qd_detr.io import write_text
+
+from .outputs import (
+    ABLATION_OVERALL_FILE,
+    ABLATION_PLOTS,
+    COMPARE_LAYERS_FILE,
+    COMPARE_PLOTS,
+    COMPARE_RUNS_FILE,
+    CONTRIBUTIONS_FILE,
+    FAILURE_COMPARISON_FILE,
+    FAILURE_PAIRS_FILE,
+    GATES_DIR,
+    GATES_META_FILE,
+    GROUND_TRUTH_OVERALL_FILE,
+    GROUND_TRUTH_PLOTS,
+    METRICS_FILE,
+    PERFORMANCE_CORRELATIONS_FILE,
+    PERFORMANCE_PLOTS,
+    PLOTS_DIR,
+    REPORT_FILE,
+    RUN_FILE,
+    STATS_CSV_FILES,
+    SUBSET_COMPARISON_FILE,
+)
 
 __all__ = ["write_report", "build_report", "REPORT_FILE"]
 
-REPORT_FILE = "report.html"
 MAX_ROWS = 60
 
 _CSS = """
@@ -37,16 +59,16 @@ nav a{margin-right:12px;font-size:13px}
 details{margin:6px 0}.scroll{overflow-x:auto;max-width:100%}summary{cursor:pointer;font-size:13px}
 """
 
-# plot files shown under each section (prefix match); the rest go to "Gate plots"
-# plot files shown under each section (prefix match, in this order); the rest go to "Gate plots"
+# plot files shown under each section (in this order); the rest go to "Gate plots"
 _SECTION_PLOTS = {
-    "contributions": ("contribution_layers", "contributions"),
-    "ablation": ("ablation_overall", "ablation_per_query", "ablation_heatmap"),
-    "ground_truth": ("ground_truth_auroc", "ground_truth_inside", "ground_truth_examples", "ground_truth_across"),
-    "performance": ("performance_scatter", "performance_correlations"),
-    "failure": ("failure_cases",),
-    "subset": ("subset_",),
-    "compare": ("compare_layer", "compare_query"),
+    "contributions": (ABLATION_PLOTS["contribution_layers"], ABLATION_PLOTS["contributions"]),
+    "ablation": (ABLATION_PLOTS["overall"], ABLATION_PLOTS["per_query"], ABLATION_PLOTS["heatmap"]),
+    "ground_truth": (GROUND_TRUTH_PLOTS["distributions"], GROUND_TRUTH_PLOTS["inside_outside"],
+                     GROUND_TRUTH_PLOTS["examples"], GROUND_TRUTH_PLOTS["across_queries"]),
+    "performance": (PERFORMANCE_PLOTS["scatter"], PERFORMANCE_PLOTS["correlations"]),
+    "failure": (PERFORMANCE_PLOTS["failure"],),
+    "subset": (PERFORMANCE_PLOTS["subset"],),
+    "compare": (COMPARE_PLOTS["layers"], COMPARE_PLOTS["queries"]),
 }
 
 
@@ -113,16 +135,15 @@ def _img(path, caption):
 
 
 def _plots(folder):
-    d = os.path.join(folder, "plots")
+    d = os.path.join(folder, PLOTS_DIR)
     if not os.path.isdir(d):
         return []
     return sorted(n for n in os.listdir(d) if n.endswith(".png") and not n.startswith("."))
 
 
-def _take_plots(names, prefixes, used):
-    out = []
-    for prefix in prefixes:
-        out += [n for n in names if n.startswith(prefix) and n not in used and n not in out]
+def _take_plots(names, wanted, used):
+    """The files of ``wanted`` present in ``names`` and not shown yet (in ``wanted`` order); marks them used."""
+    out = [n for n in dict.fromkeys(wanted) if n in names and n not in used]
     used.update(out)
     return out
 
@@ -131,7 +152,7 @@ def _ranges_html(run, folder, layer_table):
     """What the gates' values mean for this layout: one line per gate kind and range (run.json's
     ``gate_ranges``, else the gate store's; tanh [-1, 1] when neither records any)."""
     from .ranges import describe_ranges, ranges_from_meta, resolve_ranges
-    declared = ranges_from_meta(run) or ranges_from_meta(_read_json(os.path.join(folder, "gates"), "meta.json"))
+    declared = ranges_from_meta(run) or ranges_from_meta(_read_json(os.path.join(folder, GATES_DIR), GATES_META_FILE))
     keys = list(dict.fromkeys(zip(layer_table["layer"].astype(int), layer_table["gate"].astype(str))))
     ranges = resolve_ranges(declared, sorted({l for l, _ in keys}), list(dict.fromkeys(k for _, k in keys)))
     lines = describe_ranges({k: ranges[k] for k in keys})
@@ -143,13 +164,13 @@ def _ranges_html(run, folder, layer_table):
 def build_report(folder, run=None):
     """The report of ``folder`` as an HTML string; ``run``: the manifest to show instead of run.json."""
     folder = os.path.abspath(folder)
-    run = run if run is not None else (_read_json(folder, "run.json") or {})
+    run = run if run is not None else (_read_json(folder, RUN_FILE) or {})
     sections = []  # (anchor, title, html)
     plots = _plots(folder)
     used = set()
 
     def figs(names):
-        return "".join(_img(os.path.join(folder, "plots", n), n) for n in names)
+        return "".join(_img(os.path.join(folder, PLOTS_DIR, n), n) for n in names)
 
     # provenance
     ck, data, model = run.get("checkpoint") or {}, run.get("data") or {}, run.get("model") or {}
@@ -175,7 +196,7 @@ def build_report(folder, run=None):
         prov += f"<details><summary>arguments</summary><table class='kv'>{args}</table></details>"
     sections.append(("provenance", "Model and data provenance", prov))
 
-    brief = run.get("metrics_brief") or (_read_json(folder, "predictions_metrics.json") or {}).get("brief")
+    brief = run.get("metrics_brief") or (_read_json(folder, METRICS_FILE) or {}).get("brief")
     if brief:
         sections.append(("metrics", "Metrics (official QVHighlights evaluation)",
                          _table(pd.DataFrame([{"metric": k, "value": v} for k, v in brief.items()]))))
@@ -185,7 +206,7 @@ def build_report(folder, run=None):
         sections.append(("reproduction", "Reproduction of the original predictions",
                          reproduction_html(run["reproduction"])))
 
-    layer = _read_csv(folder, "gate_stats_per_layer.csv")
+    layer = _read_csv(folder, STATS_CSV_FILES["per_layer"])
     if layer is not None and len(layer):
         q = layer[layer["weighting"] == "query"] if "weighting" in layer else layer
         body = ("<p class='muted'>Statistics of the per-query mean gate (each query counts once). Fractions: "
@@ -194,16 +215,16 @@ def build_report(folder, run=None):
                 + _ranges_html(run, folder, q) +
                 _table(q, columns=["name", "n_queries", "mean", "std", "min", "max", "frac_positive", "frac_negative",
                                    "frac_near_zero", "frac_saturated"]))
-        rk = _read_csv(folder, "gate_rankings.csv")
+        rk = _read_csv(folder, STATS_CSV_FILES["rankings"])
         if rk is not None and len(rk):
             sel = rk[(rk["layer"].astype(str) == "all") & (rk["rank"] <= 5)]
             body += "<h3>Top and bottom 5 queries by mean gate (all layers)</h3>" + _table(
                 sel, columns=["gate", "rank_type", "rank", "qid", "vid", "mean"])
         sections.append(("gates", "Gate statistics per layer", body))
 
-    contrib_path = os.path.join(folder, "gate_contributions.csv")
+    contrib_path = os.path.join(folder, CONTRIBUTIONS_FILE)
     if os.path.isfile(contrib_path):
-        from .ablation import contrib_layer_table, load_contributions
+        from .contributions import contrib_layer_table, load_contributions
         c = load_contributions(contrib_path)
         body = ("<p class='muted'>Effective contribution = ||gate × branch output|| / ||residual stream|| per clip "
                 "(0: the branch adds nothing, whatever the gate).</p>")
@@ -214,7 +235,7 @@ def build_report(folder, run=None):
         body += figs(_take_plots(plots, _SECTION_PLOTS["contributions"], used))
         sections.append(("contributions", "Effective contributions", body))
 
-    ov = _read_csv(folder, "ablation_overall.csv")
+    ov = _read_csv(folder, ABLATION_OVERALL_FILE)
     if ov is not None:
         body = ("<p class='muted'>Each intervention re-runs inference; delta = ablated − baseline. For audio-off "
                 "interventions (zero@all:both, audio_zero, audio_swap) a negative delta means audio helped.</p>")
@@ -243,7 +264,7 @@ def build_report(folder, run=None):
         body += figs(_take_plots(plots, _SECTION_PLOTS["ablation"], used))
         sections.append(("ablation", "Interventions (ablation)", body))
 
-    gto = _read_csv(folder, "gate_ground_truth_overall.csv")
+    gto = _read_csv(folder, GROUND_TRUTH_OVERALL_FILE)
     if gto is not None:
         body = ("<p class='muted'>Inside vs outside the annotated relevant windows (AUROC 0.5 = no separation) and "
                 "Spearman correlation with the mean annotator saliency.</p>")
@@ -265,7 +286,7 @@ def build_report(folder, run=None):
         body += figs(_take_plots(plots, _SECTION_PLOTS["ground_truth"], used))
         sections.append(("ground_truth", "Gates vs ground truth", body))
 
-    corr = _read_csv(folder, "gate_performance_correlations.csv")
+    corr = _read_csv(folder, PERFORMANCE_CORRELATIONS_FILE)
     if corr is not None:
         body = "<p class='muted'>Spearman correlation across queries (layer 'all' = the query's mean over layers).</p>"
         if len(corr):
@@ -275,25 +296,25 @@ def build_report(folder, run=None):
         body += figs(_take_plots(plots, _SECTION_PLOTS["performance"], used))
         sections.append(("performance", "Gates vs performance", body))
 
-    pairs = _read_csv(folder, "gate_failure_pairs.csv")
+    pairs = _read_csv(folder, FAILURE_PAIRS_FILE)
     if pairs is not None:
-        comp = _read_csv(folder, "gate_failure_comparison.csv")
+        comp = _read_csv(folder, FAILURE_COMPARISON_FILE)
         body = ("<p class='muted'>Worst queries by top-1 IoU, each matched (nearest neighbour without replacement on "
                 "standardised duration and window length) to a query with top-1 IoU ≥ 0.5.</p>" + _table(pairs) +
                 "<h3>Gates: failures vs matched successes</h3>" + _table(comp))
         body += figs(_take_plots(plots, _SECTION_PLOTS["failure"], used))
         sections.append(("failure", "Failure cases", body))
 
-    sub = _read_csv(folder, "gate_subset_comparison.csv")
+    sub = _read_csv(folder, SUBSET_COMPARISON_FILE)
     if sub is not None:
         info = (run.get("analyses") or {}).get("subset") or {}
         body = _kv([("subset file", info.get("path")), ("queries in subset", info.get("n_in_data"))]) + _table(sub)
         body += figs(_take_plots(plots, _SECTION_PLOTS["subset"], used))
         sections.append(("subset", "Subset split", body))
 
-    cruns = _read_csv(folder, "gate_compare_runs.csv")
+    cruns = _read_csv(folder, COMPARE_RUNS_FILE)
     if cruns is not None:
-        clayers = _read_csv(folder, "gate_compare_layers.csv")
+        clayers = _read_csv(folder, COMPARE_LAYERS_FILE)
         body = _table(cruns.drop(columns=[c for c in ("path", "checkpoint_sha256") if c in cruns])) + \
             "<h3>Per-layer gates per run</h3>" + _table(clayers)
         body += figs(_take_plots(plots, _SECTION_PLOTS["compare"], used))
@@ -320,5 +341,5 @@ def build_report(folder, run=None):
 def write_report(folder, run=None):
     """Write ``{folder}/report.html`` atomically; returns its path (``run`` as in ``build_report``)."""
     path = os.path.join(os.path.abspath(folder), REPORT_FILE)
-    atomic_write_text(path, build_report(folder, run))
+    write_text(path, build_report(folder, run))
     return path

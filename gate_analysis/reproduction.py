@@ -24,7 +24,6 @@ README "Reproduction of the original predictions"). Another epoch's or checkpoin
 orders of magnitude more and fails.
 """
 import glob
-import html
 import json
 import os
 import re
@@ -34,31 +33,29 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from qd_detr.dataset import has_labels, read_jsonl
+from qd_detr.annotations import has_labels, read_jsonl
+from qd_detr.batching import make_batches
+from qd_detr.dataset import build_dataset
+from qd_detr.engine import evaluate, iterate_batches
 from qd_detr.errors import ConfigError, DataError
-from qd_detr.eval import LENGTH_BUCKETS
-from qd_detr.inference import (
-    build_dataset,
-    evaluate,
-    iterate_batches,
-    make_batches,
-    metrics_path_for,
-    resolve_feature_dirs,
-)
+from qd_detr.eval import LENGTH_BUCKETS, metrics_path_for
+from qd_detr.features import resolve_feature_dirs
 from qd_detr.postprocess import submission_lines
 from qd_detr.span_utils import span_cxw_to_xx
+
+from .reproduction_report import WORST_SHOWN, format_reproduction, reproduction_html, verdict_message
 
 __all__ = ["NoiseBounds", "NOISE_BOUNDS", "SCORE_STEP", "SNAP_STEP", "METRIC_ROUNDING", "prediction_file_candidates",
            "find_original_predictions", "read_original_predictions", "read_original_metrics",
            "rerun_original_batching", "compare_query", "compare_predictions", "compare_metrics",
-           "prepare_reproduction", "Reproduction", "check_reproduction", "format_reproduction",
-           "reproduction_html"]
+           "prepare_reproduction", "Reproduction", "check_reproduction",
+           # re-exported from .reproduction_report for existing importers
+           "format_reproduction", "reproduction_html"]
 
 SCORE_STEP = 1e-4        # window scores are rounded to 4 decimals
 SNAP_STEP = 2.0          # window ends are rounded to multiples of the 2 s clip
 MAX_TS = 150.0           # after being clamped to [0, 150] s
 METRIC_ROUNDING = 0.01   # metrics are percentages with 2 decimals
-WORST_SHOWN = 5
 _EPS = 1e-6              # float32 slack when comparing values that went through float32 and 4 decimals
 
 
@@ -428,7 +425,7 @@ class Reproduction:
         reproduces = cmp["passed"] and metrics_ok
         res["status"] = "reproduces" if reproduces else "differs"
         res["verdict"] = "REPRODUCES" if reproduces else "DIFFERS"
-        res["message"] = _message(res)
+        res["message"] = verdict_message(res)
         return res
 
 
@@ -495,79 +492,3 @@ def prepare_reproduction(model_path, opt, data=None, original_predictions=None):
 def check_reproduction(model, opt, model_path, data=None, original_predictions=None, progress=False):
     """``prepare_reproduction`` then ``run``: the verdict dict (see the module docstring)."""
     return prepare_reproduction(model_path, opt, data, original_predictions).run(model, progress)
-
-
-# ------------------------------------------------------------------------------------------------
-# Reporting (text and HTML, both from the verdict dict)
-# ------------------------------------------------------------------------------------------------
-
-_CODE_NOTE = ("the checkpoint was probably trained with code this toolkit does not know (a layout that only "
-              "changes code, e.g. branch feat/t2v-ffn, cannot be recognised from the file), or the file belongs "
-              "to another checkpoint or epoch")
-
-
-def _worst_text(q):
-    return (f"qid {q['qid']}: {q['problem'] or q['status'].replace('_', ' ')} (windows unmatched "
-            f"{q['unmatched_windows']}, max end diff {q['max_end_diff_s']:.4g} s, max score diff "
-            f"{q['max_score_diff']:.4g}, max saliency diff {q['max_saliency_diff']:.4g})")
-
-
-def _message(res):
-    p, m = res["predictions"], res.get("metrics")
-    name = os.path.basename(res["predictions_path"])
-    met = ""
-    if m:
-        ref = "the metrics file" if m["compared_with"] == "metrics file" else "metrics recomputed from the file"
-        met = (f"; metrics {len(m['metrics']) - len(m['beyond'])}/{len(m['metrics'])} within bounds "
-               f"(max |delta| {m['max_abs_delta']:.2f} vs {ref})")
-    if res["status"] == "reproduces":
-        level = NOISE_BOUNDS[res["noise_level"]].name
-        return (f"REPRODUCES: the re-run with original batching matches {name}: {p['n_queries']}/{p['n_queries']} "
-                f"queries ({p['identical']} identical, {p['within_noise']} within {level} noise){met}")
-    return (f"DIFFERS: the re-run with original batching does not match {name}: {p['differs']}/{p['n_queries']} "
-            f"queries beyond the noise bounds{met}; {_CODE_NOTE}")
-
-
-def _details(res):
-    """The facts of a verdict dict below its message, one string each (text and HTML share them)."""
-    out = [f"note: {res['note']}"] if res.get("note") else []
-    if res["status"] in ("not_found", "not_checked"):
-        return out
-    p, b, n_b = res["predictions"], res["bounds"], res["batching"]["n_batches"]
-    out.append(f"file {res['predictions_path']} ({res['source']}); {res['n_queries']} queries in {n_b} "
-               f"batch{'es' if n_b != 1 else ''} of up to {res['batching']['batch_size']} in file order; "
-               f"data {res['data_path']}")
-    out.append(f"bounds {b['name']} ({b['description']}): prob {b['prob']:g}, span {b['span']:g} x duration, "
-               f"saliency {b['saliency']:g} x max(1, |s|), each plus one rounding step")
-    out.append(f"max diffs: window end {p['max_end_diff_s']:.4g} s, score {p['max_score_diff']:.4g}, saliency "
-               f"{p['max_saliency_diff']:.4g} ({p['max_saliency_steps']:.3g} float16 steps); snap flips "
-               f"{p['snap_flips']}, windows at another rank {p['reordered_windows']}")
-    out += [f"worst {_worst_text(q)}" for q in p["worst"]]
-    m = res.get("metrics")
-    if m:
-        beyond = sorted((r for r in m["metrics"] if r["metric"] in m["beyond"]),
-                        key=lambda r: -abs(r["delta"]) if r["delta"] is not None else -float("inf"))
-        moved = sorted((r for r in m["metrics"] if r["delta"]), key=lambda r: -abs(r["delta"]))
-        shown = (beyond or moved)[:WORST_SHOWN]
-        head = (f"metrics beyond bounds ({len(beyond)}/{len(m['metrics'])})" if beyond else
-                f"metrics within bounds ({len(m['metrics'])}, {len(moved)} moved)")
-        items = [f"{r['metric']} {r['original']} -> {r['rerun']}" + (
-            f" (delta {r['delta']:+g}, allowed {r['allowed']:g})" if r["delta"] is not None else "") for r in shown]
-        more = len(beyond or moved) - len(shown)
-        out.append(head + (": " + "; ".join(items) if items else "") + (f"; {more} more" if more > 0 else ""))
-        if m.get("file_matches_its_predictions") is False:
-            out.append(f"note: {res['metrics_path']} does not match the metrics of its own predictions on this "
-                       "data file (other labels?); compared with metrics recomputed from the file")
-    return out
-
-
-def format_reproduction(res):
-    """Text lines of a verdict dict for the compatibility report (the same facts as its JSON)."""
-    return [f"  reproduction {text}" for text in [res["message"], *_details(res)]]
-
-
-def reproduction_html(res):
-    """An HTML fragment (escaped) of a verdict dict, for report.html."""
-    cls = {"reproduces": "status-complete", "differs": "status-other"}.get(res["status"], "muted")
-    items = "".join(f"<li>{html.escape(text)}</li>" for text in _details(res))
-    return f"<p class='{cls}'>{html.escape(res['message'])}</p>" + (f"<ul class='muted'>{items}</ul>" if items else "")

@@ -17,6 +17,8 @@ import time
 import pandas as pd
 import torch
 
+from .outputs import PLOTS_DIR, PREDICTIONS_FILE, RUN_FILE, STATS_CSV_FILES, SUMMARY_FILE
+
 __all__ = ["quick_check", "comprehensive_check", "format_table", "QUICK_VARIANTS"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,17 +41,17 @@ def _small_checkpoint(path, layout, gating_type, dims, seed=0):
 
 def _verify_run(out, n_queries, n_layers, plots=True):
     """Rows of checks on one output folder."""
-    from gate_analysis.stats import CSV_COLUMNS
+    from gate_analysis.stats_csv import CSV_COLUMNS
     from gate_analysis.store import load_gate_run
     rows = []
-    manifest = json.load(open(os.path.join(out, "run.json")))
+    manifest = json.load(open(os.path.join(out, RUN_FILE)))
     rows.append(("run.json complete", manifest.get("status") == "complete", manifest.get("status")))
-    missing = [f for f in ["predictions.jsonl", "summary.txt", *CSV_COLUMNS] if not os.path.exists(os.path.join(out, f))]
+    missing = [f for f in [PREDICTIONS_FILE, SUMMARY_FILE, *CSV_COLUMNS] if not os.path.exists(os.path.join(out, f))]
     rows.append(("output files present", not missing, f"missing {missing}" if missing else f"{len(CSV_COLUMNS) + 2} files"))
     if plots:
-        pngs = os.listdir(os.path.join(out, "plots")) if os.path.isdir(os.path.join(out, "plots")) else []
+        pngs = os.listdir(os.path.join(out, PLOTS_DIR)) if os.path.isdir(os.path.join(out, PLOTS_DIR)) else []
         rows.append(("plots written", len(pngs) >= 4, f"{len(pngs)} PNG files"))
-    per_query = pd.read_csv(os.path.join(out, "gate_stats_per_query.csv"))
+    per_query = pd.read_csv(os.path.join(out, STATS_CSV_FILES["per_query"]))
     run = load_gate_run(out)
     n_kinds = len(run.kinds)
     expected = n_queries * n_layers * n_kinds
@@ -133,7 +135,7 @@ def comprehensive_check(output_dir=None, log=print):
     out = os.path.join(base, "guide")
     rc, tail = _run([sys.executable, "legacy_model_guide.py", "--non-interactive", "--model_path", ckpt,
                      "--data_path", data["jsonl"]["val"], "--output_dir", out, *feats], stdin=subprocess.DEVNULL)
-    rows.append(("legacy_model_guide.py --non-interactive", rc == 0 and os.path.exists(os.path.join(out, "run.json")), tail))
+    rows.append(("legacy_model_guide.py --non-interactive", rc == 0 and os.path.exists(os.path.join(out, RUN_FILE)), tail))
     pred = os.path.join(base, "preds.jsonl")
     rc, tail = _run([sys.executable, "-m", "qd_detr.inference", "--model_path", ckpt, "--data_path",
                      data["jsonl"]["val"], "--output_path", pred, "--quiet", *feats])

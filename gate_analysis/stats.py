@@ -28,155 +28,24 @@ Conventions
   (global) both pool one value per query, so they only differ in how std/min/max are defined.
 """
 import math
-import os
 
 import numpy as np
 import pandas as pd
 
-from .ranges import DEFAULT_KINDS, resolve_ranges, thresholds
-from .store import PER_CLIP_GATING_TYPES, _as_qid, _check_gating_type, _validate_gates, atomic_write_csv, gate_name
+from qd_detr.gates import DEFAULT_KINDS, gate_name
 
-__all__ = ["GateStatsAccumulator", "write_stats_csvs", "CSV_COLUMNS", "CSV_FILES", "QUERY_STAT_NAMES",
-           "accumulate_gate_run", "csv_columns_markdown"]
+from .binning import count_sorted, search_points, sorted_nan_counts, sorted_percentiles
+from .gate_arrays import PER_CLIP_GATING_TYPES, as_qid, check_gating_type, validate_gates
+from .ranges import resolve_ranges, thresholds
+from .stats_csv import CSV_COLUMNS, CSV_FILES, empty_frame
+
+__all__ = ["GateStatsAccumulator", "QUERY_STAT_NAMES", "accumulate_gate_run"]
 
 QUERY_STAT_NAMES = ("count", "mean", "std", "min", "p5", "p25", "median", "p75", "p95", "max",
                     "frac_positive", "frac_negative", "frac_near_zero", "frac_saturated")
 _PCTS = (0.0, 5.0, 25.0, 50.0, 75.0, 95.0, 100.0)  # min, p5, p25, median, p75, p95, max in one call
 _FRACS = ("frac_positive", "frac_negative", "frac_near_zero", "frac_saturated")
 _ALL = "all"
-
-_ID = {"layer": "Fusion layer index (0-based).",
-       "gate": "Gate kind: 'mha' scales the audio cross-attention branch, 'ffn' scales the FFN branch (v2 FiLM: "
-               "by 1 + g), 'beta' is the v2 FiLM shift added to the FFN output.",
-       "name": "Dotted gate name 'layers.{layer}.gate_{gate}', as in code and plot titles."}
-#: How the fraction thresholds follow each gate's declared range (m, r: see gate_analysis.ranges).
-_RANGE_NOTE = ("where m is the magnitude of the gate's declared range (gate_ranges in gates/meta.json; tanh "
-               "[-1, 1] when none is recorded) and r its reference value 0")
-_FRAC_DOC = {
-    "frac_positive": f"Fraction of values with g > r + 0.1 m, {_RANGE_NOTE} (tanh: g > +0.1): audio added "
-                     "(sigmoid: used; FiLM FFN gate: branch weight above 1).",
-    "frac_negative": "Fraction of values with g < r - 0.1 m (tanh: g < -0.1): audio subtracted (FiLM FFN gate: "
-                     "weight below 1); empty for gates that cannot be negative (sigmoid).",
-    "frac_near_zero": "Fraction of values with |g - r| <= 0.1 m (tanh: |g| <= 0.1): audio ignored; for the FiLM "
-                      "FFN gate g near 0 means branch weight near 1, not off.",
-    "frac_saturated": "Fraction of values within 0.05 m of a bound of the range, g > high - 0.05 m or "
-                      "g < low + 0.05 m (tanh: |g| > 0.95; a sigmoid gate also near 0).",
-}
-
-#: Every CSV written by ``write_stats_csvs``: {file name: {column: one-sentence description}}.
-CSV_COLUMNS = {
-    "gate_stats_per_query.csv": {
-        "qid": "QVHighlights query id.",
-        "vid": "Video id of the query ('' when unknown).",
-        **_ID,
-        "n_clips": "Valid (unpadded) clips T of the query; -1 when unknown (per-query gating without n_clips).",
-        "count": "Number of gate values of this query and gate (1 global, T clipwise, T*D elementwise).",
-        "mean": "Mean of the query's gate values.",
-        "std": "Population standard deviation (ddof=0) of the query's gate values.",
-        "min": "Minimum gate value.",
-        "p5": "5th percentile (numpy 'linear' interpolation).",
-        "p25": "25th percentile (numpy 'linear' interpolation).",
-        "median": "Median (50th percentile).",
-        "p75": "75th percentile (numpy 'linear' interpolation).",
-        "p95": "95th percentile (numpy 'linear' interpolation).",
-        "max": "Maximum gate value.",
-        **_FRAC_DOC,
-    },
-    "gate_stats_per_layer.csv": {
-        **_ID,
-        "weighting": "'query': statistics of the per-query means (each query counts once); "
-                     "'clip': statistics over all gate values pooled (long videos weigh more).",
-        "n_queries": "Number of queries accumulated.",
-        "n_values": "Number of pooled gate values (for 'query' rows the same pool, given for reference).",
-        "mean": "'query': mean of per-query means; 'clip': mean of all values.",
-        "std": "Population std (ddof=0): 'query' of the per-query means, 'clip' of all values.",
-        "min": "'query': smallest per-query mean; 'clip': smallest value.",
-        "max": "'query': largest per-query mean; 'clip': largest value.",
-        "frac_positive": "'query': mean over queries of the per-query fraction; 'clip': fraction of all values; "
-                         f"with g > r + 0.1 m, {_RANGE_NOTE} (tanh: g > +0.1).",
-        "frac_negative": "As frac_positive, g < r - 0.1 m (tanh: g < -0.1); empty for gates that cannot be "
-                         "negative (sigmoid).",
-        "frac_near_zero": "As frac_positive, |g - r| <= 0.1 m (tanh: |g| <= 0.1; FiLM FFN gate: weight near 1, "
-                          "not off).",
-        "frac_saturated": "As frac_positive, g > high - 0.05 m or g < low + 0.05 m (tanh: |g| > 0.95).",
-        "n_underflow": "Values below the gate's histogram range lo (all queries; still included in the "
-                       "statistics above, never clipped).",
-        "n_overflow": "Values above the gate's histogram range hi (all queries; still included in the "
-                      "statistics above, never clipped).",
-    },
-    "gate_histograms.csv": {
-        **_ID,
-        "bin_type": "'bin' for the fixed bins over the gate's declared range (tanh [-1, 1], sigmoid [0, scale], "
-                    "scaled tanh [-|alpha|, |alpha|]; value_range when one is given), 'underflow' (< range), "
-                    "'overflow' (> range), 'nan' (NaN values).",
-        "bin_left": "Left bin edge (inclusive); -inf for underflow, empty for nan.",
-        "bin_right": "Right bin edge (exclusive except for the last bin, as np.histogram); +inf for overflow.",
-        "count": "Exact integer number of gate values in the bin over all queries and clips (and dims).",
-    },
-    "gate_stats_per_clip_position.csv": {
-        **_ID,
-        "clip": "Clip index t (0-based, 2 s per clip in QVHighlights); header only for per-query gating.",
-        "n_queries": "Number of queries having a valid clip t.",
-        "n_values": "Number of values at clip t (n_queries clipwise; n_queries * D elementwise).",
-        "mean": "Mean gate value at clip t over those queries (and dims).",
-        "std": "Population std (ddof=0) over the same values.",
-        "min": "Smallest value at clip t.",
-        "max": "Largest value at clip t.",
-    },
-    "gate_stats_per_dim.csv": {
-        **_ID,
-        "dim": "Feature dimension index d (elementwise gating only; header only otherwise).",
-        "n_values": "Number of values in dim d (all valid clips of all queries).",
-        "mean": "Mean gate value of dim d.",
-        "std": "Population std (ddof=0) of dim d.",
-        "min": "Smallest value of dim d.",
-        "max": "Largest value of dim d.",
-    },
-    "gate_rankings.csv": {
-        "layer": "Fusion layer index, or 'all' for the query's mean over all layers (each layer weighted "
-                 "equally; gate kinds are never mixed).",
-        "gate": _ID["gate"],
-        "name": "Dotted gate name 'layers.{layer}.gate_{gate}' ('layers.all.gate_{gate}' for all layers).",
-        "rank_type": "'top' (highest mean gate first) or 'bottom' (lowest first). With N queries, top has "
-                     "min(n, ceil(N/2)) and bottom min(n, N - top) rows, so they never overlap.",
-        "rank": "1-based rank within rank_type (ties broken by recorded order).",
-        "qid": "QVHighlights query id.",
-        "vid": "Video id of the query.",
-        "mean": "Mean gate value of the query (over clips and dims; over layers for 'all').",
-    },
-}
-#: Short key -> CSV file name, as returned by ``write_stats_csvs``.
-CSV_FILES = {
-    "per_query": "gate_stats_per_query.csv",
-    "per_layer": "gate_stats_per_layer.csv",
-    "histograms": "gate_histograms.csv",
-    "per_clip_position": "gate_stats_per_clip_position.csv",
-    "per_dim": "gate_stats_per_dim.csv",
-    "rankings": "gate_rankings.csv",
-}
-
-
-def csv_columns_markdown(columns=None):
-    """The README's CSV documentation: one markdown table per file of ``columns`` (default
-    ``CSV_COLUMNS``), ``|`` escaped as ``\\|``."""
-    parts = []
-    for name, cols in (CSV_COLUMNS if columns is None else columns).items():
-        rows = "".join(f"| `{c}` | {d.replace('|', chr(92) + '|')} |\n" for c, d in cols.items())
-        parts.append(f"**`{name}`**\n\n| column | meaning |\n|---|---|\n{rows}")
-    return "\n".join(parts)
-
-
-def _round32(values, up):
-    """Round float64 values to the nearest float32 above (``up``) or below."""
-    v = np.asarray(values, dtype=np.float64)
-    f = v.astype(np.float32)
-    step = np.float32(np.inf if up else -np.inf)
-    off = (f.astype(np.float64) < v) if up else (f.astype(np.float64) > v)
-    return np.where(off, np.nextafter(f, step), f).astype(np.float32)
-
-
-def _empty(file_name):
-    return pd.DataFrame({c: pd.Series(dtype=object) for c in CSV_COLUMNS[file_name]})
 
 
 class GateStatsAccumulator:
@@ -206,7 +75,7 @@ class GateStatsAccumulator:
     def __init__(self, gating_type, layers, kinds=DEFAULT_KINDS, bins=200, value_range=None,
                  pos_threshold=0.1, neg_threshold=-0.1, near_zero_threshold=0.1, saturation_threshold=0.95,
                  hidden_dim=None, gate_ranges=None):
-        self.gating_type = _check_gating_type(gating_type)
+        self.gating_type = check_gating_type(gating_type)
         self.layers = list(range(layers)) if isinstance(layers, (int, np.integer)) else [int(l) for l in layers]
         self.kinds = tuple(kinds)
         self.keys = [(l, k) for l in self.layers for k in self.kinds]  # row order of every (G, ...) array
@@ -307,14 +176,11 @@ class GateStatsAccumulator:
         cur = self._pos_nq.size
         if t <= cur:
             return
-        extra = t - cur
-        g = len(self.keys)
+        extra, g = t - cur, len(self.keys)
         self._pos_nq = np.concatenate([self._pos_nq, np.zeros(extra, np.int64)])
         self._pos_nv = np.concatenate([self._pos_nv, np.zeros(extra, np.int64)])
-        self._pos_sum = np.concatenate([self._pos_sum, np.zeros((g, extra))], axis=1)
-        self._pos_sumsq = np.concatenate([self._pos_sumsq, np.zeros((g, extra))], axis=1)
-        self._pos_min = np.concatenate([self._pos_min, np.full((g, extra), np.inf)], axis=1)
-        self._pos_max = np.concatenate([self._pos_max, np.full((g, extra), -np.inf)], axis=1)
+        for name, fill in (("_pos_sum", 0.0), ("_pos_sumsq", 0.0), ("_pos_min", np.inf), ("_pos_max", -np.inf)):
+            setattr(self, name, np.concatenate([getattr(self, name), np.full((g, extra), fill)], axis=1))
 
     def _init_dims(self, d):
         g = len(self.keys)
@@ -325,10 +191,7 @@ class GateStatsAccumulator:
         self._dim_max = np.full((g, d), -np.inf)
 
     def _search_points(self):
-        """Per gate row g: float32 points searched in its sorted float32 row: the histogram edges
-        np.histogram uses for float32 input (``np.linspace(lo, hi, bins + 1, dtype=float32)``) and the
-        thresholds, rounded so that float32 comparisons equal the exact ones (``x < v`` <=>
-        ``x < ceil32(v)``, ``x <= v`` <=> ``x <= floor32(v)`` for float32 x)."""
+        """Per gate row g: the float32 points (``binning.search_points``) searched in its sorted row."""
         if self._points is None:
             cache = {}
             self._points = []
@@ -338,11 +201,8 @@ class GateStatsAccumulator:
                 neg = t.negative if t.has_negative else -np.inf
                 spec = (lo, hi, pos, neg, t.near_low, t.near_high, t.sat_low, t.sat_high)
                 if spec not in cache:
-                    edges = np.linspace(lo, hi, self.bins + 1, endpoint=True, dtype=np.float32)
-                    thr_left = _round32([neg, t.near_low, t.sat_low], up=True)
-                    thr_right = _round32([pos, t.near_high, t.sat_high], up=False)
-                    # side="left" -> number of values < v; side="right" -> number of values <= v
-                    cache[spec] = (np.concatenate([edges, thr_left]), np.concatenate([edges[-1:], thr_right]))
+                    cache[spec] = search_points(lo, hi, self.bins, pos, neg, t.near_low, t.near_high, t.sat_low,
+                                                t.sat_high)
                 self._points.append(cache[spec])
         return self._points
 
@@ -355,8 +215,8 @@ class GateStatsAccumulator:
         per row (percentiles, min/max, fractions and exact histogram counts are then read off the
         sorted rows with ``np.searchsorted``), and sums are numpy reductions. NaN values propagate
         into mean/std/percentiles of their query and are counted in the histogram's "nan" row."""
-        qid = _as_qid(qid)
-        checked, t, self.hidden_dim = _validate_gates(gates, self.gating_type, self.layers, self.kinds,
+        qid = as_qid(qid)
+        checked, t, self.hidden_dim = validate_gates(gates, self.gating_type, self.layers, self.kinds,
                                                       self.hidden_dim, f"qid {qid}")
         if t is None:
             t = -1 if n_clips is None else int(n_clips)
@@ -410,36 +270,12 @@ class GateStatsAccumulator:
                 self._dim_max = np.maximum(self._dim_max, x3.max(axis=1))
         # order statistics: sort each float32 row once (NaN last); interpolate in float64
         x.sort(axis=1)
-        n_nan = np.isnan(x[:, -1]).astype(np.int64)
-        if n_nan.any():
-            n_nan = np.count_nonzero(np.isnan(x), axis=1)
-        # percentiles exactly as np.percentile(..., method="linear") on the float64 values
-        vi = (n - 1) * (np.asarray(_PCTS) / 100.0)
-        lo_i = np.floor(vi).astype(np.intp)
-        hi_i = np.minimum(lo_i + 1, n - 1)
-        gamma = vi - lo_i
-        a, b = x[:, lo_i].astype(np.float64), x[:, hi_i].astype(np.float64)
-        diff = b - a
-        pct = np.where(gamma >= 0.5, b - diff * (1 - gamma), a + diff * gamma)  # numpy's _lerp
-        pct[n_nan > 0] = np.nan
+        n_nan = sorted_nan_counts(x)
+        pct = sorted_percentiles(x, _PCTS, n_nan)
         row[:, 3:10] = pct
         # exact histogram counts and threshold fractions from the sorted rows
-        points = self._search_points()
-        nb = self.bins
-        left = np.stack([r.searchsorted(p[0], side="left") for r, p in zip(x, points)])   # [G, bins+1+3]: # < v
-        right = np.stack([r.searchsorted(p[1], side="right") for r, p in zip(x, points)])  # [G, 4]: # <= v
-        n_valid = n - n_nan
-        hist = np.empty((g, nb + 3), dtype=np.int64)
-        hist[:, :nb - 1] = np.diff(left[:, :nb], axis=1)      # [e_i, e_i+1)
-        hist[:, nb - 1] = right[:, 0] - left[:, nb - 1]       # last bin includes its right edge
-        hist[:, nb] = left[:, 0]                              # underflow: x < lo
-        hist[:, nb + 1] = n_valid - right[:, 0]               # overflow: x > hi
-        hist[:, nb + 2] = n_nan
+        hist, counts = count_sorted(x, self._search_points(), self.bins, n_nan)
         self._hist += hist
-        counts = np.stack([n_valid - right[:, 1],                                   # x > pos
-                           left[:, nb + 1],                                         # x < neg
-                           right[:, 2] - left[:, nb + 2],                           # -z <= x <= z
-                           (n_valid - right[:, 3]) + left[:, nb + 3]], axis=1)      # |x| > s
         fracs = counts / n * self._frac_mask
         row[:, 10:14] = fracs
         self._min = np.minimum(self._min, pct[:, 0])
@@ -464,33 +300,21 @@ class GateStatsAccumulator:
         if self.hidden_dim is not None and other.hidden_dim is not None and self.hidden_dim != other.hidden_dim:
             raise ValueError(f"cannot merge elementwise accumulators with hidden_dim {self.hidden_dim} and "
                              f"{other.hidden_dim}")
-        self._hist += other._hist
-        self._n += other._n
-        self._sum += other._sum
-        self._sumsq += other._sumsq
-        self._min = np.minimum(self._min, other._min)
-        self._max = np.maximum(self._max, other._max)
-        self._frac_counts += other._frac_counts
-        self._nq += other._nq
-        self._qsum += other._qsum
-        self._qsumsq += other._qsumsq
-        self._qmin = np.minimum(self._qmin, other._qmin)
-        self._qmax = np.maximum(self._qmax, other._qmax)
-        self._qfrac_sum += other._qfrac_sum
+        for name in ("_hist", "_n", "_sum", "_sumsq", "_frac_counts", "_nq", "_qsum", "_qsumsq", "_qfrac_sum"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for name, pick in (("_min", np.minimum), ("_max", np.maximum), ("_qmin", np.minimum), ("_qmax", np.maximum)):
+            setattr(self, name, pick(getattr(self, name), getattr(other, name)))
         t = other._pos_nq.size
         self._grow_positions(t)
-        self._pos_nq[:t] += other._pos_nq
-        self._pos_nv[:t] += other._pos_nv
-        self._pos_sum[:, :t] += other._pos_sum
-        self._pos_sumsq[:, :t] += other._pos_sumsq
+        for name in ("_pos_nq", "_pos_nv", "_pos_sum", "_pos_sumsq"):
+            getattr(self, name)[..., :t] += getattr(other, name)
         self._pos_min[:, :t] = np.minimum(self._pos_min[:, :t], other._pos_min)
         self._pos_max[:, :t] = np.maximum(self._pos_max[:, :t], other._pos_max)
         if other._dim_sum is not None:
             if self._dim_sum is None:
                 self._init_dims(other.hidden_dim)
-            self._dim_n += other._dim_n
-            self._dim_sum += other._dim_sum
-            self._dim_sumsq += other._dim_sumsq
+            for name in ("_dim_n", "_dim_sum", "_dim_sumsq"):
+                setattr(self, name, getattr(self, name) + getattr(other, name))
             self._dim_min = np.minimum(self._dim_min, other._dim_min)
             self._dim_max = np.maximum(self._dim_max, other._dim_max)
         k = other._n_rows
@@ -533,7 +357,7 @@ class GateStatsAccumulator:
         frac_saturated (see ``CSV_COLUMNS['gate_stats_per_query.csv']``)."""
         nr, g = self._n_rows, len(self.keys)
         if nr == 0:
-            return _empty("gate_stats_per_query.csv")
+            return empty_frame(CSV_FILES["per_query"])
         ids = self._id_frame()
         df = pd.DataFrame({
             "qid": np.repeat(self._row_qids[:nr], g),
@@ -553,7 +377,7 @@ class GateStatsAccumulator:
         """Two rows per layer x gate (weighting "query" and "clip"); columns in
         ``CSV_COLUMNS['gate_stats_per_layer.csv']``."""
         if self._nq == 0:
-            return _empty("gate_stats_per_layer.csv")
+            return empty_frame(CSV_FILES["per_layer"])
         with np.errstate(invalid="ignore", divide="ignore"):
             nq = self._nq
             qmean = self._qsum / nq
@@ -610,7 +434,7 @@ class GateStatsAccumulator:
         queries having clip t (and all dims). Empty (right columns) for per-query gating."""
         t = self._pos_nq.size
         if t == 0:
-            return _empty("gate_stats_per_clip_position.csv")
+            return empty_frame(CSV_FILES["per_clip_position"])
         df = self._id_frame(repeat=t)
         g = len(self.keys)
         nv = np.tile(self._pos_nv, g).astype(np.float64)
@@ -628,7 +452,7 @@ class GateStatsAccumulator:
         """Per layer x gate x feature dim (elementwise): n_values, mean, std (ddof=0), min, max over all
         valid clips of all queries. Empty (right columns) otherwise."""
         if self._dim_sum is None:
-            return _empty("gate_stats_per_dim.csv")
+            return empty_frame(CSV_FILES["per_dim"])
         d = self.hidden_dim
         g = len(self.keys)
         df = self._id_frame(repeat=d)
@@ -648,10 +472,10 @@ class GateStatsAccumulator:
         With N ranked queries (NaN means are skipped), "top" has ``min(n, ceil(N/2))`` rows and
         "bottom" ``min(n, N - n_top)`` rows, taken from the two ends of one ordering (mean descending,
         ties by recorded order), so a query is never both top and bottom."""
-        cols = list(CSV_COLUMNS["gate_rankings.csv"])
+        cols = list(CSV_COLUMNS[CSV_FILES["rankings"]])
         nr = self._n_rows
         if nr == 0 or n < 1:
-            return _empty("gate_rankings.csv")
+            return empty_frame(CSV_FILES["rankings"])
         means = self._rows[:nr, :, QUERY_STAT_NAMES.index("mean")]  # [N, G]
         vids = np.array(self._row_vids, dtype=object)
         out = []
@@ -681,28 +505,3 @@ class GateStatsAccumulator:
 def accumulate_gate_run(run, qids=None, **kwargs):
     """Shortcut for ``GateStatsAccumulator.from_gate_run``."""
     return GateStatsAccumulator.from_gate_run(run, qids=qids, **kwargs)
-
-
-def write_stats_csvs(acc, output_dir, top_n=10):
-    """Write the six statistics CSVs into ``output_dir`` (created if needed), each atomically, floats
-    as ``%.9g`` (lossless for float32). Files are always written with the columns of ``CSV_COLUMNS``:
-    ``gate_stats_per_dim.csv`` is header-only unless gating is elementwise, and
-    ``gate_stats_per_clip_position.csv`` is header-only for per-query gating, so tools can rely on the
-    files existing. Returns {key: path} with the keys of ``CSV_FILES``."""
-    os.makedirs(output_dir, exist_ok=True)
-    frames = {
-        "per_query": acc.query_stats(),
-        "per_layer": acc.layer_stats(),
-        "histograms": acc.histograms(),
-        "per_clip_position": acc.clip_position_stats(),
-        "per_dim": acc.dim_stats(),
-        "rankings": acc.rankings(top_n),
-    }
-    paths = {}
-    for key, df in frames.items():
-        fname = CSV_FILES[key]
-        cols = list(CSV_COLUMNS[fname])
-        if list(df.columns) != cols:
-            raise AssertionError(f"{fname}: columns {list(df.columns)} differ from CSV_COLUMNS {cols}")
-        paths[key] = atomic_write_csv(df, os.path.join(output_dir, fname), float_format="%.9g")
-    return paths

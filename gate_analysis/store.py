@@ -42,110 +42,19 @@ from collections import OrderedDict
 import numpy as np
 import pandas as pd
 
-from qd_detr.gates import GATE_KINDS, gate_name
+from qd_detr.gates import DEFAULT_KINDS, GATE_KINDS, gate_name
+from qd_detr.io import TMP_PREFIX, write_csv, write_npz, write_text
 
-from .ranges import DEFAULT_KINDS, as_range, ranges_as_dict, ranges_from_meta, resolve_ranges
+from .gate_arrays import PER_CLIP_GATING_TYPES, SHAPE_CONVENTION, as_qid, check_gating_type, validate_gates
+from .outputs import GATES_DIR, GATES_INDEX_FILE, GATES_META_FILE
+from .ranges import as_range, ranges_as_dict, ranges_from_meta, resolve_ranges
 
-__all__ = ["GateStoreWriter", "GateRun", "load_gate_run", "iter_shard_queries", "gate_name", "GATE_KINDS",
-           "DEFAULT_KINDS", "FORMAT_VERSION", "PER_QUERY_GATING_TYPES", "PER_CLIP_GATING_TYPES", "GATING_TYPES"]
+# GATE_KINDS and gate_name are qd_detr.gates' (the store's key format uses them)
+__all__ = ["GateStoreWriter", "GateRun", "load_gate_run", "iter_shard_queries", "FORMAT_VERSION", "GATE_KINDS",
+           "gate_name"]
 
 FORMAT_VERSION = 1
-PER_QUERY_GATING_TYPES = ("global", "legacy", "global_diagstrip_ssm")  # one gate per query: (1,)
-PER_CLIP_GATING_TYPES = ("clipwise", "elementwise")                   # (T,) and (T, D)
-GATING_TYPES = PER_QUERY_GATING_TYPES + PER_CLIP_GATING_TYPES
-SHAPE_CONVENTION = {
-    "global": "(1,): one gate per query",
-    "legacy": "(1,): one gate per query",
-    "global_diagstrip_ssm": "(1,): one gate per query",
-    "clipwise": "(T,): one gate per valid clip, padding excluded",
-    "elementwise": "(T, D): one gate per valid clip and feature dim, padding excluded",
-}
-_STORE_DIR = "gates"
 _SHARD_RE = re.compile(r"^shard_(\d{5,})\.npz$")
-_TMP_PREFIX = ".tmp-"
-
-
-def _check_gating_type(gating_type):
-    if gating_type not in GATING_TYPES:
-        raise ValueError(f"unknown gating_type {gating_type!r}; expected one of {list(GATING_TYPES)}")
-    return gating_type
-
-
-def _as_qid(qid):
-    if isinstance(qid, (bool, np.bool_)) or not isinstance(qid, (int, np.integer)):
-        raise TypeError(f"qid must be an int (the QVHighlights qid), got {qid!r} of type {type(qid).__name__}")
-    return int(qid)
-
-
-def _tmp_path(path):
-    d, base = os.path.split(path)
-    return os.path.join(d, f"{_TMP_PREFIX}{os.getpid()}-{base}")
-
-
-def _atomic_write_bytes(path, write, fsync=True):
-    """Call ``write(fh)`` on a temp file next to ``path`` and move it into place (``os.replace``)."""
-    tmp = _tmp_path(path)
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            if fsync:
-                fh.flush()
-                os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
-
-
-def atomic_write_text(path, text):
-    return _atomic_write_bytes(path, lambda fh: fh.write(text.encode("utf-8")))
-
-
-def atomic_write_csv(df, path, **kwargs):
-    return atomic_write_text(path, df.to_csv(index=False, lineterminator="\n", **kwargs))
-
-
-def _validate_gates(gates, gating_type, layers, kinds, hidden_dim, where):
-    """Check one query's gates; return ({(layer, kind): float32 array}, n_clips or None, hidden_dim)."""
-    expected = [(l, k) for l in layers for k in kinds]
-    got = set(gates)
-    if got != set(expected):
-        missing = sorted(set(expected) - got)
-        extra = sorted(got - set(expected), key=str)
-        raise ValueError(f"{where}: gates must have exactly the keys (layer, kind) for layers {list(layers)} and "
-                         f"kinds {list(kinds)}; missing {[gate_name(*m) for m in missing]}, unexpected {extra}")
-    out, n_clips = {}, None
-    for key in expected:
-        arr = np.asarray(gates[key])
-        if arr.dtype != np.float32:
-            arr = arr.astype(np.float32)
-        name = gate_name(*key)
-        if gating_type in PER_QUERY_GATING_TYPES:
-            if arr.size != 1:
-                raise ValueError(f"{where}: {name} has shape {arr.shape}; {gating_type} gates have shape (1,)")
-            arr = arr.reshape(1)
-        elif gating_type == "clipwise":
-            if arr.ndim == 2 and arr.shape[1] == 1:
-                arr = arr[:, 0]  # tolerate (T, 1)
-            if arr.ndim != 1:
-                raise ValueError(f"{where}: {name} has shape {arr.shape}; clipwise gates have shape (T,)")
-        else:  # elementwise
-            if arr.ndim != 2:
-                raise ValueError(f"{where}: {name} has shape {arr.shape}; elementwise gates have shape (T, D)")
-            if hidden_dim is None:
-                hidden_dim = int(arr.shape[1])
-            elif arr.shape[1] != hidden_dim:
-                raise ValueError(f"{where}: {name} has {arr.shape[1]} feature dims, expected hidden_dim={hidden_dim}")
-        if gating_type in PER_CLIP_GATING_TYPES:
-            if n_clips is None:
-                n_clips = int(arr.shape[0])
-            elif arr.shape[0] != n_clips:
-                raise ValueError(f"{where}: {name} has {arr.shape[0]} clips but other gates of this query have "
-                                 f"{n_clips}; every layer and kind must cover the same valid clips")
-        out[key] = np.ascontiguousarray(arr)
-    return out, n_clips, hidden_dim
 
 
 class GateStoreWriter:
@@ -174,7 +83,7 @@ class GateStoreWriter:
                  kinds=DEFAULT_KINDS, gate_ranges=None, resume=False, overwrite=False, max_buffered_queries=None):
         if resume and overwrite:
             raise ValueError("resume=True and overwrite=True contradict each other; choose one")
-        self.gating_type = _check_gating_type(gating_type)
+        self.gating_type = check_gating_type(gating_type)
         if int(num_layers) < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         self.num_layers = int(num_layers)
@@ -191,7 +100,7 @@ class GateStoreWriter:
         self.extra_meta = dict(extra_meta or {})
         self.max_buffered_queries = max_buffered_queries
         self.run_dir = os.path.abspath(output_dir)
-        self.dir = os.path.join(self.run_dir, _STORE_DIR)
+        self.dir = os.path.join(self.run_dir, GATES_DIR)
         os.makedirs(self.dir, exist_ok=True)
         self._buffer = []        # [(qid, vid, n_clips, gates)]
         self._index = []         # [(qid, vid, n_clips, shard_name)] of flushed queries
@@ -212,14 +121,14 @@ class GateStoreWriter:
     # -- setup -----------------------------------------------------------------------------------
     def _existing_files(self):
         names = [n for n in os.listdir(self.dir)
-                 if _SHARD_RE.match(n) or n in ("index.csv", "meta.json") or n.startswith(_TMP_PREFIX)]
+                 if _SHARD_RE.match(n) or n in (GATES_INDEX_FILE, GATES_META_FILE) or n.startswith(TMP_PREFIX)]
         return [os.path.join(self.dir, n) for n in sorted(names)]
 
     def _resume(self):
         for n in os.listdir(self.dir):  # leftovers of a writer that died mid-write: never complete
-            if n.startswith(_TMP_PREFIX):
+            if n.startswith(TMP_PREFIX):
                 os.remove(os.path.join(self.dir, n))
-        meta_path = os.path.join(self.dir, "meta.json")
+        meta_path = os.path.join(self.dir, GATES_META_FILE)
         if os.path.exists(meta_path):
             with open(meta_path) as fh:
                 meta = json.load(fh)
@@ -260,11 +169,11 @@ class GateStoreWriter:
         """
         if self._closed:
             raise RuntimeError(f"GateStoreWriter for {self.dir} is closed")
-        qid = _as_qid(qid)
+        qid = as_qid(qid)
         if qid in self._seen:
             raise ValueError(f"duplicated qid {qid}: already recorded in the gate store {self.dir}")
         where = f"qid {qid}"
-        checked, t, self.hidden_dim = _validate_gates(gates, self.gating_type, self.layers, self.kinds,
+        checked, t, self.hidden_dim = validate_gates(gates, self.gating_type, self.layers, self.kinds,
                                                       self.hidden_dim, where)
         if t is None:
             t = -1 if n_clips is None else int(n_clips)
@@ -289,7 +198,7 @@ class GateStoreWriter:
         for qid, _, _, gates in self._buffer:
             for (layer, kind), arr in gates.items():
                 arrays[f"{qid}/{gate_name(layer, kind)}"] = arr
-        _atomic_write_bytes(path, lambda fh: np.savez(fh, **arrays), fsync=False)  # big: leave to the OS
+        write_npz(path, arrays)  # big: not fsynced, left to the OS
         self._index.extend((qid, vid, t, name) for qid, vid, t, _ in self._buffer)
         self._buffer = []
         self._next_shard += 1
@@ -313,7 +222,7 @@ class GateStoreWriter:
             "gate_ranges": ranges_as_dict(self.gate_ranges),
             "extra": self.extra_meta,
         }
-        atomic_write_text(os.path.join(self.dir, "meta.json"), json.dumps(meta, indent=2, default=str) + "\n")
+        write_text(os.path.join(self.dir, GATES_META_FILE), json.dumps(meta, indent=2, default=str) + "\n")
 
     def close(self):
         """Flush, then write ``index.csv`` and the complete ``meta.json``; returns the store folder."""
@@ -322,7 +231,7 @@ class GateStoreWriter:
         self.flush()
         index = pd.DataFrame(self._index, columns=["qid", "vid", "n_clips", "shard"])
         index = index.astype({"qid": np.int64, "n_clips": np.int64})
-        atomic_write_csv(index, os.path.join(self.dir, "index.csv"))
+        write_csv(index, os.path.join(self.dir, GATES_INDEX_FILE))
         self._write_meta(complete=True)
         self._closed = True
         return self.dir
@@ -360,7 +269,7 @@ def _read_shard_index(path):
 def iter_shard_queries(output_dir):
     """Yield ``(qid, vid, n_clips, gates)`` from every complete shard, in recorded order, without
     requiring a closed store (used to rebuild statistics when an interrupted run is resumed)."""
-    store_dir = os.path.join(os.path.abspath(output_dir), _STORE_DIR)
+    store_dir = os.path.join(os.path.abspath(output_dir), GATES_DIR)
     if not os.path.isdir(store_dir):
         return
     pattern = re.compile(r"^(-?\d+)/layers\.(\d+)\.gate_(\w+)$")
@@ -379,10 +288,10 @@ def _resolve_store_dir(output_dir):
     path = os.path.abspath(os.fspath(output_dir))
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no gate store: {path} does not exist")
-    for cand in (os.path.join(path, _STORE_DIR), path):
-        if os.path.isfile(os.path.join(cand, "meta.json")):
+    for cand in (os.path.join(path, GATES_DIR), path):
+        if os.path.isfile(os.path.join(cand, GATES_META_FILE)):
             return cand
-    raise FileNotFoundError(f"no gate store in {path}: expected {os.path.join(path, _STORE_DIR, 'meta.json')} "
+    raise FileNotFoundError(f"no gate store in {path}: expected {os.path.join(path, GATES_DIR, GATES_META_FILE)} "
                             f"(or meta.json directly in {path})")
 
 
@@ -397,7 +306,7 @@ class GateRun:
 
     def __init__(self, store_dir, max_open_shards=4):
         self.path = store_dir
-        meta_path = os.path.join(store_dir, "meta.json")
+        meta_path = os.path.join(store_dir, GATES_META_FILE)
         with open(meta_path) as fh:
             try:
                 self.meta = json.load(fh)
@@ -409,7 +318,7 @@ class GateRun:
         if self.meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"gate store {store_dir} has format_version {self.meta.get('format_version')!r}; "
                              f"this code reads version {FORMAT_VERSION}")
-        index_path = os.path.join(store_dir, "index.csv")
+        index_path = os.path.join(store_dir, GATES_INDEX_FILE)
         if not os.path.isfile(index_path):
             raise ValueError(f"gate store {store_dir} is incomplete: {index_path} is missing")
         index = pd.read_csv(index_path, dtype={"qid": np.int64, "vid": str, "n_clips": np.int64, "shard": str},

@@ -1,4 +1,4 @@
-"""Safe checkpoint loading, strict key matching and the load report.
+"""Reading a checkpoint once, inspecting it without a model, and rebuilding it strictly, with the load report.
 
 Formats accepted:
 - the original training checkpoint ``{"model", "optimizer"?, "lr_scheduler"?, "epoch", "opt"}`` where
@@ -11,13 +11,16 @@ Formats accepted:
 Loading uses ``torch.load(weights_only=True)`` with ``argparse.Namespace`` allow-listed (the only
 non-tensor type these checkpoints legitimately hold besides ``torch.device``, which torch allows);
 full unpickling only with ``trust_pickle=True``. Every key must match: missing, unexpected or
-mis-shaped keys are an error that lists them.
+mis-shaped keys are an error that lists them. ``inspect_checkpoint`` reads the file and classifies
+its keys (``qd_detr.keys``) without building a model; ``load_checkpoint`` takes its result instead of
+a path, so a checked load reads the file once.
 """
 import argparse
 import hashlib
 import os
 import pickle
 import re
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -35,26 +38,26 @@ from .config import (
     options_from_opt_json,
 )
 from .errors import CheckpointError, ConfigError
+from .keys import (
+    GATING_AMBIGUITY,
+    KEY_RENAMES,
+    IncompatibleModelError,
+    KeyClassification,
+    classify_keys,
+    describe_state_dict,
+    normalize_state_dict,
+)
 from .model import build_model
 from .research_options import classify_saved_options
+from .weight_options import check_options_against_weights, infer_options
 
-__all__ = ["load_checkpoint", "LoadedCheckpoint", "read_checkpoint", "normalize_state_dict", "KEY_RENAMES",
-           "describe_state_dict", "infer_options", "strict_load", "resolve_device", "file_sha256", "SAFE_GLOBALS"]
+# KEY_RENAMES, normalize_state_dict, describe_state_dict (qd_detr.keys) and infer_options (qd_detr.weight_options):
+# re-exported for existing importers
+__all__ = ["load_checkpoint", "LoadedCheckpoint", "read_checkpoint", "split_checkpoint", "inspect_checkpoint",
+           "CheckpointContents", "infer_options", "strict_load", "resolve_device", "file_sha256", "SAFE_GLOBALS",
+           "IMPLEMENTED_OPTIONS", "KEY_RENAMES", "normalize_state_dict", "describe_state_dict"]
 
 SAFE_GLOBALS = [argparse.Namespace]
-
-# Declarative key renames applied before matching: (prefix found, prefix expected).
-KEY_RENAMES = (
-    ("module.", ""),                   # nn.DataParallel / DistributedDataParallel
-    ("avigate_fusion.", "fusion."),    # the attribute name the predecessor's scripts assumed
-)
-
-# Keys of variants this toolkit does not implement; found in a state dict they are named in the error.
-UNSUPPORTED_MARKERS = (
-    (re.compile(r"^umt_fusion\.|^fusion\.(audio_encoder|video_encoder)"), "the UMT fusion"),
-)
-_G0 = "fusion.fusion_layers.0.gating_function."
-
 
 class LoadedCheckpoint(NamedTuple):
     model: torch.nn.Module
@@ -176,171 +179,102 @@ def split_checkpoint(obj, path):
     raise CheckpointError(f"{path}: contains no model weights (a {type(obj).__name__})")
 
 
-def normalize_state_dict(state_dict):
-    """Apply ``KEY_RENAMES``; returns (new state dict, list of (rule, count) applied)."""
-    out, applied = {}, {}
-    for key, value in state_dict.items():
-        new = key
-        for old_prefix, new_prefix in KEY_RENAMES:
-            if new.startswith(old_prefix):
-                new = new_prefix + new[len(old_prefix):]
-                applied[f"{old_prefix}* -> {new_prefix}*"] = applied.get(f"{old_prefix}* -> {new_prefix}*", 0) + 1
-        if new in out:
-            raise CheckpointError(f"two keys map to {new!r} after renaming prefixes")
-        out[new] = value
-    return out, sorted(applied.items())
+def _saved_options(raw_opt, opt_json):
+    """The options a checkpoint states: its ``opt`` entry, else ``opt.json`` beside it, else None."""
+    if raw_opt is not None:
+        return make_options(**(vars(raw_opt) if isinstance(raw_opt, argparse.Namespace) else raw_opt))
+    if os.path.isfile(opt_json):
+        return options_from_opt_json(opt_json)
+    return None
 
 
-def _count(keys, pattern):
-    found = {int(m.group(1)) for k in keys for m in [re.match(pattern, k)] if m}
-    return max(found) + 1 if found else 0
+def _opt_json_beside(path):
+    return os.path.join(os.path.dirname(os.path.abspath(path)), "opt.json")
 
 
-def describe_state_dict(sd):
-    """What the weights alone tell about the architecture (see SPEC 6.1)."""
-    keys = list(sd)
-    for pattern, name in UNSUPPORTED_MARKERS:
-        hits = [k for k in keys if pattern.search(k)]
-        if hits:
-            raise CheckpointError(f"weights belong to {name}, which this toolkit does not support "
-                                  f"(e.g. key {hits[0]!r})")
-    info = {"hidden_dim": sd["global_rep_token"].shape[0] if "global_rep_token" in sd else None}
-    if "fusion.fusion_layers.0.a_proj.weight" in sd:
-        info["layout"] = "custom"
-        width = sd[_G0 + "mlp_mha.2.weight"].shape[0] if _G0 + "mlp_mha.2.weight" in sd else None
-        if _G0 + "ssm_gate.norm.weight" in sd:
-            info["gating_shape"] = "global_diagstrip_ssm"
-            info["variant_from_weights"] = "diagstrip"
-            info["ssm"] = _ssm_shapes(sd, keys)
-        else:
-            info["gating_shape"] = "elementwise" if width and width > 1 else "global or clipwise"
-            info["variant_from_weights"] = "v2" if _G0 + "mha_bias" in sd else "v1 or diagstrip"
-        info["film"] = _G0 + "ffn_beta" in sd
-    elif "fusion.video_proj.weight" in sd:
-        info["layout"] = "avigate"
-        info["gating_shape"] = "global"
-    elif any(k.startswith("fusion.") for k in keys):
-        info["layout"] = "unknown fusion"
-    else:
-        info["layout"] = "concat or video_only"
-    info["fusion_layers"] = _count(keys, r"fusion\.fusion_layers\.(\d+)\.")
-    info["enc_layers"] = _count(keys, r"transformer\.encoder\.layers\.(\d+)\.")
-    info["dec_layers"] = _count(keys, r"transformer\.decoder\.layers\.(\d+)\.")
-    info["n_input_proj"] = _count(keys, r"input_txt_proj\.(\d+)\.")
-    return info
+# ------------------------------------------------------------------------------------------------
+# Inspection without a model
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class CheckpointContents:
+    """What a checkpoint file holds, read without building a model (``load_checkpoint`` accepts it)."""
+    path: str
+    size: int
+    format: str
+    meta: dict
+    state_dict: dict          # keys mapped with KEY_RENAMES
+    renames: list
+    keys: KeyClassification
+    info: dict                # describe_state_dict
+    opt: object = None        # options stated by the checkpoint or its opt.json (final dims), else None
+    options_source: str = None
+    raw_opt_type: str = None
+    raw_opt: object = None    # the checkpoint's own 'opt' entry (Namespace or dict), else None
+
+    def stated_gating_type(self):
+        """(gating type, where it comes from), or (None, reason) when only the user can tell."""
+        layout = self.keys.layout
+        if layout == "avigate":
+            return "global", "layout (the older AVIGATEFusion has global gates only)"
+        if layout != "custom":
+            return None, "no fusion module"
+        if self.opt is not None and getattr(self.opt, "gating_type", None):
+            return self.opt.gating_type, self.options_source
+        if self.info.get("gating_shape") == "elementwise":
+            return "elementwise", "weight shapes (the gating MLP outputs one gate per feature)"
+        return None, GATING_AMBIGUITY
+
+    def summary(self):
+        gating, source = self.stated_gating_type()
+        return {"path": self.path, "size_bytes": self.size, "format": self.format,
+                "entries": self.meta.get("entries"), "epoch": self.meta.get("epoch"),
+                "options_found": self.opt is not None, "options_source": self.options_source,
+                "opt_type": self.raw_opt_type, "n_tensors": len(self.state_dict),
+                "key_renames": [list(r) for r in self.renames], "layout_from_keys": self.keys.layout,
+                "stated_gating_type": gating, "gating_type_source": source}
 
 
-def _ssm_shapes(sd, keys):
-    """What the SSM gate's weights tell: band width, channels, number of dilations, video branch."""
-    pre = _G0 + "ssm_gate."
-    first = sd[pre + "encoder.net.0.weight"]  # [C, 2w+1, 1]
-    convs = [k for k in keys if k.startswith(pre + "encoder.net.") and k.endswith(".weight")
-             and sd[k].dim() == 3 and sd[k].shape[-1] == 3]
-    channels, norm = int(first.shape[0]), int(sd[pre + "norm.weight"].shape[0])
-    if norm not in (channels, 2 * channels):
-        raise CheckpointError(f"SSM gate norm width {norm} is neither C={channels} nor 2C: the feature "
-                              "cat(z_a, z_v, z_a - z_v) of diagstrip commit 87a994b is not supported")
-    return {"band_width": (int(first.shape[1]) - 1) // 2, "enc_channels": channels, "n_dilations": len(convs),
-            "use_video_branch": norm == 2 * channels}
+def _check_magic(path):
+    """A file that is neither a zip archive (torch.save) nor a pickle is not a checkpoint at all
+    (safe loading would otherwise call it a refused pickle)."""
+    if os.path.isfile(path):
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+        if head and not head.startswith(_CHECKPOINT_MAGIC):
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (neither a zip archive nor a "
+                                  f"pickle; the file starts with {head!r})")
 
 
-def infer_options(sd, info, given, path):
-    """Options for a bare state dict: shapes where they tell, ``given`` for the rest."""
-    need = []
+def inspect_checkpoint(path, trust_pickle=False):
+    """Read ``path`` safely and classify its keys; no model is built. Returns a ``CheckpointContents``.
 
-    def dim(key, axis=0):
-        return int(sd[key].shape[axis]) if key in sd else None
-
-    opt = make_options(
-        hidden_dim=info["hidden_dim"], enc_layers=info["enc_layers"], dec_layers=info["dec_layers"],
-        n_input_proj=info["n_input_proj"] or 2, num_queries=dim("query_embed.weight"),
-        dim_feedforward=dim("transformer.encoder.layers.0.linear1.weight"),
-        max_q_l=dim("txt_position_embed.position_embeddings.weight") or 32,
-        t_feat_dim=dim("input_txt_proj.0.LayerNorm.weight"),
-        span_loss_type="l1" if dim("span_embed.layers.2.weight") == 2 else "ce",
-        contrastive_align_loss="contrastive_align_projection_query.weight" in sd,
-        contrastive_hdim=dim("contrastive_align_projection_query.weight") or 64,
-        fusion_layers=info["fusion_layers"] or 4,
-    )
-    layout = info["layout"]
-    if layout == "custom":
-        opt.use_avigate_custom, opt.a_feat_dir = True, given.get("a_feat_dir", "<audio>")
-        opt.v_feat_dim, opt.a_feat_dim = dim("input_vid_proj.0.LayerNorm.weight"), dim("input_aud_proj.0.LayerNorm.weight")
-        if info["gating_shape"] in ("elementwise", "global_diagstrip_ssm"):
-            opt.gating_type = info["gating_shape"]
-        elif "gating_type" not in given:
-            need.append("gating_type (global and clipwise weights have identical names and shapes, so the "
-                        "weights cannot tell them apart; pass --gating_type global or --gating_type clipwise)")
-        if "fusion_n_heads" not in given:
-            need.append("fusion_n_heads (the number of fusion attention heads changes no weight shape; "
-                        "pass --fusion_n_heads N)")
-        if info["variant_from_weights"] == "v2":
-            opt.ffn_gate_film = info["film"]
-            if "mha_gate_temp" not in given:
-                need.append("mha_gate_temp (v2 gating: the sigmoid temperature is not a weight; pass "
-                            "--mha_gate_temp T, the value the model was trained with)")
-        if info["gating_shape"] == "global_diagstrip_ssm":
-            ssm = info["ssm"]
-            opt.ssm_band_width, opt.ssm_enc_channels = ssm["band_width"], ssm["enc_channels"]
-            opt.ssm_use_video_branch = int(ssm["use_video_branch"])
-            for key, flag in (("ssm_dilations", "--ssm_dilations D1 D2 ..."), ("ssm_diag_subtract", "--ssm_diag_subtract X")):
-                if key not in given:
-                    need.append(f"{key} (the SSM gate's {key[4:]} changes no weight shape; pass {flag})")
-    elif layout == "avigate":
-        opt.use_avigate, opt.a_feat_dir = True, given.get("a_feat_dir", "<audio>")
-        opt.v_feat_dim, opt.a_feat_dim = dim("fusion.video_proj.weight", 1), dim("fusion.audio_proj.weight", 1)
-    elif layout == "concat or video_only":
-        total = dim("input_vid_proj.0.LayerNorm.weight")
-        if "a_feat_dim" in given:
-            opt.a_feat_dir = given.get("a_feat_dir", "<audio>")
-            opt.v_feat_dim = total - int(given["a_feat_dim"])
-        else:
-            opt.v_feat_dim = total
-    else:
-        raise CheckpointError(f"{path}: fusion weights of an unknown layout")
-    if "nheads" not in given:
-        need.append("nheads (the number of transformer attention heads changes no weight shape; pass --nheads N)")
-    if need:
-        raise ConfigError(f"{path}: a bare state dict without options; cannot infer " + "; ".join(need)
-                          + ". Put the training opt.json beside the checkpoint, or give these options")
-    for key, value in given.items():
-        setattr(opt, key, value)
-    return opt
+    Raises ``CheckpointError`` when the file cannot be read as a checkpoint (unreadable input) and
+    ``IncompatibleModelError`` when it is read but its weights are of an unsupported kind.
+    """
+    path = os.fspath(path)
+    _check_magic(path)
+    obj = read_checkpoint(path, trust_pickle=trust_pickle)
+    raw_sd, raw_opt, fmt, meta = split_checkpoint(obj, path)
+    try:
+        sd, renames = normalize_state_dict(raw_sd)
+        info = describe_state_dict(sd)
+    except CheckpointError as exc:
+        raise IncompatibleModelError(str(exc)) from None
+    keys = classify_keys(sd, label=path)
+    opt_json = _opt_json_beside(path)
+    opt = _saved_options(raw_opt, opt_json)
+    source = None if opt is None else "checkpoint['opt']" if raw_opt is not None else opt_json
+    return CheckpointContents(path=os.path.abspath(path), size=os.path.getsize(path), format=fmt, meta=meta,
+                              state_dict=sd, renames=renames, keys=keys, info=info, opt=opt,
+                              options_source=source,
+                              raw_opt_type=type(raw_opt).__name__ if raw_opt is not None else None,
+                              raw_opt=raw_opt)
 
 
-def _check_against_weights(opt, info, path):
-    layout = fusion_layout(opt)
-    expected = {"custom": "custom", "avigate": "avigate"}.get(layout, "concat or video_only")
-    if info["layout"] != expected:
-        raise CheckpointError(f"{path}: options describe the {layout} layout but the weights are of the "
-                              f"{info['layout']} layout")
-    if layout == "custom":
-        for shape in ("elementwise", "global_diagstrip_ssm"):
-            if (opt.gating_type == shape) != (info["gating_shape"] == shape):
-                raise CheckpointError(f"{path}: options say gating_type={opt.gating_type} but the gating weights "
-                                      f"are {info['gating_shape']}-shaped")
-        variant = fusion_variant(opt)
-        from_weights = info["variant_from_weights"]
-        if (variant == "v2") != (from_weights == "v2"):
-            said = "v2 gate options (mha_gate_temp, ...)" if variant == "v2" else "no v2 gate options"
-            raise CheckpointError(f"{path}: the options have {said} but the weights are of the "
-                                  f"{'v2' if from_weights == 'v2' else 'v1/diagstrip'} gating layout "
-                                  f"(v2 adds gating_function.mha_bias/mha_scale/ffn_alpha)")
-        if variant == "v2" and bool(getattr(opt, "ffn_gate_film", False)) != info["film"]:
-            raise CheckpointError(f"{path}: options say ffn_gate_film={getattr(opt, 'ffn_gate_film', False)} but the "
-                                  f"weights {'have' if info['film'] else 'lack'} the FiLM shift (gating_function.ffn_beta)")
-        if info.get("ssm"):
-            ssm, (built, _) = info["ssm"], gate_options(opt)
-            for key in ("band_width", "enc_channels", "use_video_branch"):
-                if built["ssm"][key] != ssm[key]:
-                    raise CheckpointError(f"{path}: options say ssm_{key}={built['ssm'][key]} but the SSM gate "
-                                          f"weights have {key} {ssm[key]}")
-            if len(built["ssm"]["dilations"]) != ssm["n_dilations"]:
-                raise CheckpointError(f"{path}: options give {len(built['ssm']['dilations'])} SSM dilations "
-                                      f"{list(built['ssm']['dilations'])} but the weights have {ssm['n_dilations']}")
-        if int(opt.fusion_layers) != info["fusion_layers"]:
-            raise CheckpointError(f"{path}: options say fusion_layers={opt.fusion_layers} but the weights have "
-                                  f"{info['fusion_layers']} fusion layers")
+# ------------------------------------------------------------------------------------------------
+# Options and the strict rebuild
+# ------------------------------------------------------------------------------------------------
 
 
 # Architecture options the rebuild implements (pre_norm only at False: build_model refuses True).
@@ -422,23 +356,29 @@ def strict_load(model, state_dict, path):
 def load_checkpoint(path, device="cpu", trust_pickle=False, gating_type=None, options=None, batching="query"):
     """Rebuild a trained QD-DETR from ``path``; returns ``LoadedCheckpoint(model, opt, report)``.
 
+    ``path``: a checkpoint file, or the ``CheckpointContents`` that ``inspect_checkpoint`` returned for
+    it (the file is then not read again; ``trust_pickle`` applied when it was read).
     ``gating_type``: checked against the checkpoint's options (a conflict is an error) and required
     when they do not say it. ``options``: a dict supplying options a bare state dict cannot tell
     (e.g. ``{"nheads": 8, "fusion_n_heads": 8}``); a value that contradicts saved options is an error.
     The model is returned in eval mode on ``device`` with the given ``batching`` semantics.
     """
-    path = os.fspath(path)
     options = dict(options or {})
-    obj = read_checkpoint(path, trust_pickle=trust_pickle)
-    raw_sd, raw_opt, fmt, meta = split_checkpoint(obj, path)
-    sd, renames = normalize_state_dict(raw_sd)
-    info = describe_state_dict(sd)
-    opt_json = os.path.join(os.path.dirname(os.path.abspath(path)), "opt.json")
+    if isinstance(path, CheckpointContents):
+        contents = path
+        path, raw_opt, fmt, meta = contents.path, contents.raw_opt, contents.format, contents.meta
+        sd, renames, info = contents.state_dict, contents.renames, contents.info
+    else:
+        path = os.fspath(path)
+        obj = read_checkpoint(path, trust_pickle=trust_pickle)
+        raw_sd, raw_opt, fmt, meta = split_checkpoint(obj, path)
+        sd, renames = normalize_state_dict(raw_sd)
+        info = describe_state_dict(sd)
+    opt_json = _opt_json_beside(path)
+    opt = _saved_options(raw_opt, opt_json)
     if raw_opt is not None:
-        opt = make_options(**(vars(raw_opt) if isinstance(raw_opt, argparse.Namespace) else raw_opt))
         source = "checkpoint['opt']"
-    elif os.path.isfile(opt_json):
-        opt = options_from_opt_json(opt_json)
+    elif opt is not None:
         source = f"{opt_json} (v_feat_dim + 2 for TEF)" if has_tef(opt) else opt_json
     else:
         if gating_type is not None:
@@ -472,7 +412,7 @@ def load_checkpoint(path, device="cpu", trust_pickle=False, gating_type=None, op
                           f"(layout: {layout}), so it has no gates")
     if gating_type is not None and gating_type not in GATING_TYPES:
         raise ConfigError(f"--gating_type {gating_type!r} is not one of {', '.join(GATING_TYPES)}")
-    _check_against_weights(opt, info, path)
+    check_options_against_weights(opt, info, path)
     try:
         model = build_model(opt)
     except ConfigError as exc:

@@ -10,8 +10,9 @@ import sys
 from .config import GATING_TYPES
 from .errors import ConfigError, ToolkitError
 
-__all__ = ["model_args", "data_args", "run_main", "prepare_output_dir", "prepare_output_file",
-           "positive_int", "architecture_options", "add_architecture_args"]
+__all__ = ["model_args", "data_args", "analysis_args", "add_model_args", "add_feature_args", "run_main",
+           "prepare_output_dir", "prepare_output_file", "positive_int", "architecture_options",
+           "add_architecture_args", "ARCHITECTURE_OPTIONS"]
 
 
 def positive_int(text):
@@ -50,29 +51,39 @@ def architecture_options(args):
     return {k: getattr(args, k) for k in ARCHITECTURE_OPTIONS if getattr(args, k, None) is not None}
 
 
-def model_args():
-    """--model_path, --device, --gating_type, --trust_checkpoint, --nheads, --fusion_n_heads."""
+def add_model_args(group, model_path_required=False):
+    """--model_path, --device, --gating_type, --trust_checkpoint and the architecture options."""
+    group.add_argument("--model_path", required=model_path_required,
+                       help="checkpoint file (.ckpt/.pth) written by QD-DETR training")
+    group.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    group.add_argument("--gating_type", choices=GATING_TYPES, default=None,
+                       help="checked against the checkpoint's options; required only when they do not say it")
+    group.add_argument("--trust_checkpoint", action="store_true",
+                       help="allow full unpickling of the checkpoint (only for files you trust)")
+    add_architecture_args(group)
+
+
+def add_feature_args(group):
+    """--data_path, --v_feat_dirs, --t_feat_dir, --a_feat_dir (the folders default to the checkpoint's)."""
+    group.add_argument("--data_path", help="QVHighlights-style JSONL annotation file")
+    group.add_argument("--v_feat_dirs", nargs="+", default=None,
+                       help="video feature folders, in training order (default: from the checkpoint)")
+    group.add_argument("--t_feat_dir", default=None, help="text feature folder (default: from the checkpoint)")
+    group.add_argument("--a_feat_dir", default=None, help="audio feature folder (default: from the checkpoint)")
+
+
+def model_args(model_path_required=False):
+    """Parent parser: the ``add_model_args`` flags."""
     p = argparse.ArgumentParser(add_help=False)
-    g = p.add_argument_group("model")
-    g.add_argument("--model_path", help="checkpoint file (.ckpt/.pth) written by QD-DETR training")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
-    g.add_argument("--gating_type", choices=GATING_TYPES, default=None,
-                   help="checked against the checkpoint's options; required only when they do not say it")
-    g.add_argument("--trust_checkpoint", action="store_true",
-                   help="allow full unpickling of the checkpoint (only for files you trust)")
-    add_architecture_args(g)
+    add_model_args(p.add_argument_group("model"), model_path_required)
     return p
 
 
 def data_args():
-    """--data_path, feature folders, batching."""
+    """Parent parser: --data_path, feature folders, batching."""
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("data")
-    g.add_argument("--data_path", help="QVHighlights-style JSONL annotation file")
-    g.add_argument("--v_feat_dirs", nargs="+", default=None,
-                   help="video feature folders, in training order (default: from the checkpoint)")
-    g.add_argument("--t_feat_dir", default=None, help="text feature folder (default: from the checkpoint)")
-    g.add_argument("--a_feat_dir", default=None, help="audio feature folder (default: from the checkpoint)")
+    add_feature_args(g)
     g.add_argument("--batch_size", type=positive_int, default=None,
                    help="queries per forward pass (default: 32 with --batching query, the checkpoint's "
                         "eval_bsz with --batching original)")
@@ -83,6 +94,22 @@ def data_args():
                    help="skip queries whose feature files are missing (counted in the summary) "
                         "instead of stopping")
     g.add_argument("--num_workers", type=int, default=0, help="data loading worker processes (default: 0)")
+    return p
+
+
+def analysis_args():
+    """Parent parser: what a gate analysis writes and shows (run_gate_analysis.py, legacy_model_guide.py)."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("analysis")
+    g.add_argument("--output_dir", default=None,
+                   help="output folder (default: gate_analysis_results/<checkpoint>_<time>)")
+    g.add_argument("--overwrite", action="store_true", help="replace the results in an existing output folder")
+    g.add_argument("--max_samples", type=int, default=None, help="analyse only the first N queries of the JSONL")
+    g.add_argument("--compare_samples", nargs="*", type=int, default=None, metavar="QID",
+                   help="queries to compare in plots/sample_comparison.png (no ids: the top and bottom queries)")
+    g.add_argument("--top_n", type=positive_int, default=10, help="queries per top/bottom ranking (default: 10)")
+    g.add_argument("--no_plots", action="store_true", help="skip the PNG plots")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 

@@ -13,13 +13,20 @@ import os
 from .errors import ConfigError
 
 __all__ = [
-    "DEFAULT_OPTIONS", "ARCH_OPTIONS", "TOOLKIT_OPTIONS", "GATING_TYPES", "FUSION_VARIANTS", "V2_OPTIONS", "SSM_OPTIONS",
+    "DEFAULT_OPTIONS", "ARCH_OPTIONS", "TOOLKIT_OPTIONS", "GATING_TYPES", "PER_QUERY_GATING_TYPES",
+    "PER_CLIP_GATING_TYPES", "STORED_GATING_TYPES", "FUSION_VARIANTS", "V2_OPTIONS", "SSM_OPTIONS",
     "SSM_DEFAULTS_BEFORE_OPTIONS", "make_options", "options_from_opt_json", "fusion_layout", "fusion_variant",
     "gate_options", "has_tef", "check_options", "resolve_path",
 ]
 
 # Gating types of AVIGATEFusionCustom; global_diagstrip_ssm exists only in the diagstrip variant.
 GATING_TYPES = ("global", "clipwise", "elementwise", "global_diagstrip_ssm")
+# Gating types a gate record or gate store can carry, by how many gates a query gets (shapes in
+# qd_detr.gates.GATE_SHAPES). "legacy" is the older AVIGATEFusion layout (one gate per query), which
+# GATING_TYPES does not build but earlier gate stores name.
+PER_QUERY_GATING_TYPES = ("global", "legacy", "global_diagstrip_ssm")  # one gate per query: (1,)
+PER_CLIP_GATING_TYPES = ("clipwise", "elementwise")                   # per valid clip: (T,), (T, D)
+STORED_GATING_TYPES = PER_QUERY_GATING_TYPES + PER_CLIP_GATING_TYPES
 
 # Options that this toolkit's own train.py saves besides the research code's (qd_detr.research_options
 # has the research code's); none changes the model.

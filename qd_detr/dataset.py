@@ -16,7 +16,7 @@ functions from junhanjeong/QD-DETR-exp (``qd_detr/start_end_dataset*.py``) value
   **and** to the audio. Without ``"video"`` in ctx_mode the video input is the TEF alone, with
   ``ctx_l = max_v_l``.
 
-Masks produced by :func:`collate` are float tensors with 1 = valid position, 0 = padding
+Masks produced by :func:`qd_detr.batching.collate` are float tensors with 1 = valid position, 0 = padding
 (the convention of the original ``pad_sequences_1d``; the model inverts them itself).
 
 Quirks of the original that are reproduced on purpose:
@@ -40,24 +40,31 @@ Deviations (only where the original crashes, mutates its input or relies on glob
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import random
-import zipfile
-from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from qd_detr.errors import ConfigError, DataError
+from .annotations import LABEL_KEYS, has_labels, read_jsonl, record_problem
+from .batching import collate, length_grouped_batches, model_kwargs, move_to_device, sequential_batches
+from .errors import ConfigError, DataError
+from .features import (
+    check_2d,
+    l2_normalize_rows,
+    load_feature_array,
+    peek_shape,
+    temporal_endpoint_features,
+)
 
 __all__ = [
+    "QVHighlightsDataset",
+    "build_dataset",
+    # re-exported: their modules are qd_detr.annotations, qd_detr.batching and qd_detr.features
     "read_jsonl",
     "has_labels",
-    "QVHighlightsDataset",
     "collate",
     "move_to_device",
     "model_kwargs",
@@ -66,201 +73,6 @@ __all__ = [
     "l2_normalize_rows",
     "temporal_endpoint_features",
 ]
-
-L2_EPS = 1e-5
-LABEL_KEYS = ("relevant_windows", "relevant_clip_ids", "saliency_scores")
-
-
-# ----------------------------------------------------------------------------------------------
-# annotations
-# ----------------------------------------------------------------------------------------------
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
-
-
-def _record_problem(rec: dict, required: Sequence[str]) -> str | None:
-    """Return a description of what is wrong with one annotation object, or None."""
-    for name in required:
-        if name not in rec:
-            return f"missing required field '{name}'"
-    if "qid" in rec and not _is_int(rec["qid"]):
-        return f"field 'qid' must be an integer, got {type(rec['qid']).__name__} {rec['qid']!r}"
-    if "duration" in rec:
-        dur = rec["duration"]
-        if not _is_number(dur):
-            return f"field 'duration' must be a finite number, got {type(dur).__name__} {dur!r}"
-        if dur <= 0:
-            return f"field 'duration' must be positive, got {dur!r}"
-    for name in ("query", "vid"):
-        if name in rec and not isinstance(rec[name], str):
-            return f"field '{name}' must be a string, got {type(rec[name]).__name__}"
-    if "vid" in rec and (not rec["vid"] or "/" in rec["vid"] or "\\" in rec["vid"]):
-        return f"field 'vid' must be a non-empty file stem, got {rec['vid']!r}"
-    if "relevant_windows" in rec:
-        wins = rec["relevant_windows"]
-        if not isinstance(wins, list) or not all(
-                isinstance(w, list) and len(w) == 2 and all(_is_number(v) for v in w) for w in wins):
-            return "field 'relevant_windows' must be a list of [start, end] number pairs"
-        for w in wins:
-            if w[1] < w[0]:
-                return f"field 'relevant_windows' has a window with end < start: {w}"
-    if "relevant_clip_ids" in rec:
-        ids = rec["relevant_clip_ids"]
-        if not isinstance(ids, list) or not all(_is_int(i) and i >= 0 for i in ids):
-            return "field 'relevant_clip_ids' must be a list of non-negative integers"
-    if "saliency_scores" in rec:
-        scores = rec["saliency_scores"]
-        if not isinstance(scores, list) or not all(
-                isinstance(s, list) and s and all(_is_number(v) for v in s) for s in scores):
-            return "field 'saliency_scores' must be a list of per-clip score lists"
-        ids = rec.get("relevant_clip_ids")
-        if isinstance(ids, list) and len(ids) != len(scores):
-            return (f"'saliency_scores' has {len(scores)} entries but 'relevant_clip_ids' has "
-                    f"{len(ids)}")
-    return None
-
-
-def read_jsonl(path, required: Sequence[str] = ("qid", "query", "vid", "duration")) -> list[dict]:
-    """Read a QVHighlights-style JSONL annotation file.
-
-    One JSON object per line (blank lines are skipped). Every line must hold the ``required``
-    fields; known fields are type-checked (``qid`` int, ``duration`` positive number, ``query``/``vid``
-    strings, label fields well formed). ``qid`` values must be unique.
-
-    Returns:
-        list of dicts, in file order.
-
-    Raises:
-        DataError: the path is missing or a directory, the file is empty, or a line is malformed;
-            the message names the file and the 1-based line number.
-    """
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"{p}: annotation file not found")
-    if p.is_dir():
-        raise DataError(f"{p}: is a directory, expected a .jsonl annotation file")
-    records: list[dict] = []
-    seen: dict[int, int] = {}
-    try:
-        with p.open("r", encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, start=1):
-                text = line.strip()
-                if not text:
-                    continue
-                try:
-                    obj = json.loads(text)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{p}:{lineno}: malformed JSON ({exc.msg}, column {exc.colno})") \
-                        from None
-                if not isinstance(obj, dict):
-                    raise DataError(f"{p}:{lineno}: expected a JSON object, got "
-                                    f"{type(obj).__name__}")
-                problem = _record_problem(obj, required)
-                if problem:
-                    raise DataError(f"{p}:{lineno}: {problem}")
-                if "qid" in obj:
-                    if obj["qid"] in seen:
-                        raise DataError(f"{p}:{lineno}: duplicate qid {obj['qid']} "
-                                        f"(first seen on line {seen[obj['qid']]})")
-                    seen[obj["qid"]] = lineno
-                records.append(obj)
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{p}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except OSError as exc:
-        raise DataError(f"{p}: cannot read ({exc.strerror or exc})") from None
-    if not records:
-        raise DataError(f"{p}: contains no records (empty dataset)")
-    return records
-
-
-def has_labels(record: dict) -> bool:
-    """True when the record carries moment and highlight labels.
-
-    That is ``relevant_windows``, ``relevant_clip_ids`` and ``saliency_scores`` are all present
-    (QVHighlights test records have none of them).
-    """
-    return all(record.get(k) is not None for k in LABEL_KEYS)
-
-
-# ----------------------------------------------------------------------------------------------
-# feature helpers
-# ----------------------------------------------------------------------------------------------
-
-def l2_normalize_rows(x: np.ndarray, eps: float = L2_EPS) -> np.ndarray:
-    """``x / (||x||_2 + eps)`` along the last axis, in the dtype of ``x`` (float32 here)."""
-    return x / (np.linalg.norm(x, axis=-1, keepdims=True) + eps)
-
-
-def temporal_endpoint_features(ctx_l: int) -> torch.Tensor:
-    """TEF of the original, float32 (ctx_l, 2): row i = ``[i/ctx_l, i/ctx_l + 1/ctx_l]``.
-
-    The end column is the start column plus the float32-rounded step, exactly like the original
-    (so it can differ from ``(i+1)/ctx_l`` in the last bit).
-    """
-    starts = torch.arange(ctx_l, dtype=torch.float32).div(ctx_l)
-    ends = starts.add(1.0 / ctx_l)
-    return torch.stack((starts, ends), dim=1)
-
-
-def _peek_shape(path: str, key: str | None) -> tuple[int, ...]:
-    """Shape of an array in a .npy file or of ``key`` in a .npz file, reading only its header."""
-    try:
-        if key is None:
-            return tuple(np.load(path, mmap_mode="r", allow_pickle=False).shape)
-        with zipfile.ZipFile(path) as zf:
-            with zf.open(key + ".npy") as fh:
-                version = np.lib.format.read_magic(fh)
-                if version == (1, 0):
-                    shape = np.lib.format.read_array_header_1_0(fh)[0]
-                elif version == (2, 0):
-                    shape = np.lib.format.read_array_header_2_0(fh)[0]
-                else:
-                    raise ValueError("unsupported npy version")
-                return tuple(shape)
-    except Exception:  # fall back to a full (checked) load, which reports problems properly
-        return tuple(_load_array(path, key).shape)
-
-
-def _load_array(path: str, key: str | None) -> np.ndarray:
-    """Load a numeric feature array; every problem becomes a DataError naming the file."""
-    try:
-        if key is None:
-            arr = np.load(path, allow_pickle=False)
-            if not isinstance(arr, np.ndarray):
-                arr.close()
-                raise DataError(f"{path}: expected a plain .npy array, found an .npz archive")
-        else:
-            with np.load(path, allow_pickle=False) as archive:
-                if not hasattr(archive, "files"):
-                    raise DataError(f"{path}: expected an .npz archive with key '{key}'")
-                if key not in archive.files:
-                    raise DataError(f"{path}: has no key '{key}' (keys: {sorted(archive.files)})")
-                arr = archive[key]
-    except DataError:
-        raise
-    except FileNotFoundError:
-        raise DataError(f"{path}: feature file not found") from None
-    except Exception as exc:  # corrupt zip, truncated file, pickled object, ...
-        raise DataError(f"{path}: cannot read feature file ({type(exc).__name__}: {exc})") from None
-    if arr.dtype.kind not in "fiu":
-        raise DataError(f"{path}: features must be numeric, found dtype {arr.dtype}")
-    if not np.isfinite(arr).all():
-        bad = int(arr.size - np.isfinite(arr).sum())
-        raise DataError(f"{path}: contains {bad} NaN/Inf value(s)")
-    return arr
-
-
-def _check_2d(arr: np.ndarray, path: str) -> None:
-    if arr.ndim != 2:
-        raise DataError(f"{path}: expected a 2-D (clips, dim) array, found shape {arr.shape}")
-    if arr.shape[0] == 0:
-        raise DataError(f"{path}: has no rows")
 
 
 def _windows_to_cxw(windows: list, length_sec: int) -> torch.Tensor:
@@ -353,7 +165,7 @@ class QVHighlightsDataset(Dataset):
         for i, rec in enumerate(records):
             if not isinstance(rec, dict):
                 raise DataError(f"records[{i}]: expected a dict, got {type(rec).__name__}")
-            problem = _record_problem(rec, ("qid", "vid"))
+            problem = record_problem(rec, ("qid", "vid"))
             if problem:
                 raise DataError(f"records[{i}] (qid {rec.get('qid')!r}): {problem}")
 
@@ -437,16 +249,16 @@ class QVHighlightsDataset(Dataset):
         tef = 2 if self.use_tef else 0
         if self.t_feat_dim is not None:
             path = self.text_path(rec["qid"])
-            found = _peek_shape(path, "last_hidden_state")[-1]
+            found = peek_shape(path, "last_hidden_state")[-1]
             if found != self.t_feat_dim:
                 raise self._dim_error("text", path, found, self.t_feat_dim)
         if self.v_feat_dim is not None:
             paths = self.video_paths(rec["vid"])
-            dims = [_peek_shape(p, "features")[-1] for p in paths]
+            dims = [peek_shape(p, "features")[-1] for p in paths]
             self._check_video_dim(paths, dims, sum(dims) + tef)
         if self.a_feat_dim is not None:
             path = self.audio_path(rec["vid"])
-            raw = _peek_shape(path, None)[-1]
+            raw = peek_shape(path, None)[-1]
             self._check_audio_dim(path, raw + tef, raw)
 
     def _check_video_dim(self, paths: list[str], dims: list[int], found: int) -> None:
@@ -469,7 +281,7 @@ class QVHighlightsDataset(Dataset):
     def load_text(self, qid) -> torch.Tensor:
         """Prepared query tokens, float32 (Lq, Dt)."""
         path = self.text_path(qid)
-        arr = _load_array(path, "last_hidden_state")
+        arr = load_feature_array(path, "last_hidden_state")
         if arr.ndim == 3:
             if arr.shape[0] != 1:
                 raise DataError(f"{path}: 3-D last_hidden_state must have a leading batch dim of 1, "
@@ -498,8 +310,8 @@ class QVHighlightsDataset(Dataset):
         streams = []
         paths = self.video_paths(vid)
         for path in paths:
-            arr = _load_array(path, "features")
-            _check_2d(arr, path)
+            arr = load_feature_array(path, "features")
+            check_2d(arr, path)
             part = arr[: self.max_v_l].astype(np.float32)
             if self.normalize_v:
                 part = l2_normalize_rows(part)
@@ -513,8 +325,8 @@ class QVHighlightsDataset(Dataset):
     def load_audio(self, vid) -> torch.Tensor:
         """Prepared audio features without TEF, float32 (La, Da); La <= max_v_l."""
         path = self.audio_path(vid)
-        arr = _load_array(path, None)
-        _check_2d(arr, path)
+        arr = load_feature_array(path, None)
+        check_2d(arr, path)
         feat = arr[: self.max_v_l].astype(np.float32)
         if self.normalize_v:  # the original normalises audio under the *video* switch
             feat = l2_normalize_rows(feat)
@@ -530,9 +342,9 @@ class QVHighlightsDataset(Dataset):
             if vid not in cache:
                 n = self.max_v_l
                 for path in self.video_paths(vid):
-                    n = min(n, _peek_shape(path, "features")[0])
+                    n = min(n, peek_shape(path, "features")[0])
                 if self.a_feat_dir is not None:
-                    n = min(n, _peek_shape(self.audio_path(vid), None)[0])
+                    n = min(n, peek_shape(self.audio_path(vid), None)[0])
                 cache[vid] = n
             out.append(cache[vid])
         return out
@@ -621,105 +433,18 @@ class QVHighlightsDataset(Dataset):
         return {"meta": record, "model_inputs": inputs}
 
 
-# ----------------------------------------------------------------------------------------------
-# batching
-# ----------------------------------------------------------------------------------------------
+def build_dataset(opt, records, dirs, skip_missing=False, load_labels=False, **dataset_kwargs):
+    """A dataset that prepares features exactly as the checkpoint's training did.
 
-def _pad(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero-pad (L_i, ...) tensors to (B, max L, ...) float32 plus a float32 (B, max L) mask."""
-    trailing = tuple(seqs[0].shape[1:])
-    for s in seqs:
-        if tuple(s.shape[1:]) != trailing:
-            raise DataError(f"cannot batch features of shapes {tuple(seqs[0].shape)} and "
-                            f"{tuple(s.shape)}: feature dims differ")
-    longest = max(len(s) for s in seqs)
-    padded = torch.zeros((len(seqs), longest) + trailing, dtype=torch.float32)
-    mask = torch.zeros((len(seqs), longest), dtype=torch.float32)
-    for i, s in enumerate(seqs):
-        padded[i, : len(s)] = s
-        mask[i, : len(s)] = 1
-    return padded, mask
-
-
-def collate(batch: list[dict]) -> tuple[list[dict], dict]:
-    """Batch dataset items, padding to the longest item of the batch.
-
-    Returns ``(metas, inputs)`` with ``inputs``:
-
-    * ``src_txt`` float32 (B, Lq_max, Dt), ``src_txt_mask`` float32 (B, Lq_max), 1 = token, 0 = pad
-    * ``src_vid`` float32 (B, L_max, Dv), ``src_vid_mask`` float32 (B, L_max), 1 = clip, 0 = pad
-    * ``src_aud`` / ``src_aud_mask`` likewise, only for audio datasets
-    * ``targets`` (only with labels): ``span_labels`` list of ``{"spans": (N_i, 2)}``;
-      ``saliency_pos_labels`` / ``saliency_neg_labels`` int64 (B, 2);
-      ``saliency_all_labels`` float32 (B, max label length), zero-padded.
-
-    Padded feature rows are exactly zero. Use :func:`model_kwargs` to drop ``targets`` before
-    ``model(**kwargs)``.
+    ``opt``: the checkpoint's options; ``records``: annotation dicts; ``dirs``: ``{"v_feat_dirs",
+    "t_feat_dir", "a_feat_dir"}`` (``qd_detr.features.resolve_feature_dirs``; audio None = no audio);
+    ``dataset_kwargs``: further ``QVHighlightsDataset`` arguments (training runs: ``training``,
+    ``max_windows``, ``txt_drop_ratio``, ``seed``).
     """
-    if not batch:
-        raise ValueError("collate() got an empty batch")
-    metas = [item["meta"] for item in batch]
-    parts = [item["model_inputs"] for item in batch]
-    keys = set(parts[0])
-    for p in parts[1:]:
-        if set(p) != keys:
-            raise ValueError(f"items disagree on inputs: {sorted(keys)} vs {sorted(p)}")
-    inputs: dict[str, Any] = {}
-    inputs["src_txt"], inputs["src_txt_mask"] = _pad([p["query_feat"] for p in parts])
-    inputs["src_vid"], inputs["src_vid_mask"] = _pad([p["video_feat"] for p in parts])
-    if "audio_feat" in keys:
-        inputs["src_aud"], inputs["src_aud_mask"] = _pad([p["audio_feat"] for p in parts])
-    if "span_labels" in keys:
-        targets: dict[str, Any] = {
-            "span_labels": [{"spans": p["span_labels"]} for p in parts],
-            "saliency_pos_labels": torch.tensor([p["saliency_pos_labels"] for p in parts],
-                                                dtype=torch.long),
-            "saliency_neg_labels": torch.tensor([p["saliency_neg_labels"] for p in parts],
-                                                dtype=torch.long),
-        }
-        sal = [torch.from_numpy(np.asarray(p["saliency_all_labels"], dtype=np.float32))
-               for p in parts]
-        targets["saliency_all_labels"] = _pad(sal)[0]
-        inputs["targets"] = targets
-    return metas, inputs
-
-
-def move_to_device(inputs, device, non_blocking: bool = False):
-    """Copy every tensor inside nested dicts/lists/tuples to ``device``; other values pass through."""
-    if isinstance(inputs, torch.Tensor):
-        return inputs.to(device, non_blocking=non_blocking)
-    if isinstance(inputs, dict):
-        return {k: move_to_device(v, device, non_blocking) for k, v in inputs.items()}
-    if isinstance(inputs, (list, tuple)):
-        return type(inputs)(move_to_device(v, device, non_blocking) for v in inputs)
-    return inputs
-
-
-def model_kwargs(inputs: dict) -> dict:
-    """The collated inputs without ``targets``: ready for ``model(**model_kwargs(inputs))``."""
-    return {k: v for k, v in inputs.items() if k != "targets"}
-
-
-def _check_batch_size(batch_size) -> int:
-    if not _is_int(batch_size) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    return batch_size
-
-
-def sequential_batches(n: int, batch_size: int) -> list[list[int]]:
-    """``[[0..bs-1], [bs..2bs-1], ...]`` covering ``range(n)`` in order (last batch may be short)."""
-    _check_batch_size(batch_size)
-    return [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
-
-
-def length_grouped_batches(lengths: Iterable[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped so that items of similar length share a batch.
-
-    Indices are stably sorted by length (ties keep index order) and cut into consecutive chunks
-    of ``batch_size``; batches come shortest first. Deterministic for given inputs. Less padding
-    per batch matters for QD-DETR-exp's global gate, which mean-pools over padding too.
-    """
-    _check_batch_size(batch_size)
-    lengths = list(lengths)
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    return [order[s: s + batch_size] for s in range(0, len(order), batch_size)]
+    audio = dirs.get("a_feat_dir") is not None
+    return QVHighlightsDataset(
+        records, dirs["v_feat_dirs"], dirs["t_feat_dir"], dirs.get("a_feat_dir"),
+        max_q_l=opt.max_q_l, max_v_l=opt.max_v_l, ctx_mode=opt.ctx_mode, clip_len=opt.clip_length,
+        normalize_v=not opt.no_norm_vfeat, normalize_t=not opt.no_norm_tfeat, load_labels=load_labels,
+        v_feat_dim=opt.v_feat_dim, t_feat_dim=opt.t_feat_dim, a_feat_dim=opt.a_feat_dim if audio else None,
+        skip_missing=skip_missing, **dataset_kwargs)

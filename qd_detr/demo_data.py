@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .io import atomic_write, write_text
+
 __all__ = ["make_demo_dataset", "BUCKET_CLIPS"]
 
 CLIP_SEC = 2
@@ -49,13 +51,15 @@ _FIXED_DATE = (1980, 1, 1, 0, 0, 0)
 
 def _write_npz(path: Path, **arrays: np.ndarray) -> None:
     """Like ``np.savez`` (uncompressed) but with fixed zip timestamps, so bytes are reproducible."""
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
-        for name in sorted(arrays):
-            buf = io.BytesIO()
-            np.lib.format.write_array(buf, np.ascontiguousarray(arrays[name]), allow_pickle=False)
-            info = zipfile.ZipInfo(name + ".npy", date_time=_FIXED_DATE)
-            info.external_attr = 0o644 << 16
-            zf.writestr(info, buf.getvalue())
+    def write(fh):
+        with zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_STORED) as zf:
+            for name in sorted(arrays):
+                buf = io.BytesIO()
+                np.lib.format.write_array(buf, np.ascontiguousarray(arrays[name]), allow_pickle=False)
+                info = zipfile.ZipInfo(name + ".npy", date_time=_FIXED_DATE)
+                info.external_attr = 0o644 << 16
+                zf.writestr(info, buf.getvalue())
+    atomic_write(path, write, binary=True, fsync=False)
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -219,10 +223,11 @@ def make_demo_dataset(out_dir, n_videos: int = 8, queries_per_video: int = 3, se
             audio[idx] += 3.0 * rng.uniform(0.7, 1.3, size=(idx.size, 1)) * audio_dir
             _write_npz(dirs["slowfast_features"] / f"{vid}.npz", features=sf_feat.astype(np.float32))
             _write_npz(dirs["clip_features"] / f"{vid}.npz", features=clip_feat.astype(np.float32))
-            np.save(dirs["pann_features"] / f"{vid}.npy", audio.astype(np.float32))
+            atomic_write(dirs["pann_features"] / f"{vid}.npy", lambda fh: np.save(fh, audio.astype(np.float32)),
+                         binary=True, fsync=False)
 
         path = root / f"highlight_{split}_release.jsonl"
-        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        write_text(path, "\n".join(lines) + "\n", fsync=False)
         jsonl_paths[split] = str(path)
         qids_by_split[split] = qids
 

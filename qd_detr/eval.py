@@ -11,15 +11,15 @@ import contextlib
 import json
 import os
 import sys
-import tempfile
 import time
 
 import numpy as np
 
 from .errors import ConfigError, DataError
+from .io import read_json_lines, write_json
 
 __all__ = ["IOU_THRESHOLDS", "LENGTH_BUCKETS", "HL_LEVELS", "eval_submission", "per_query_metrics",
-           "read_jsonl", "main"]
+           "metrics_path_for", "main"]
 
 IOU_THRESHOLDS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
 LENGTH_BUCKETS = {"short": (0, 10), "middle": (10, 30), "long": (30, 150)}  # window length in (lo, hi] s
@@ -27,35 +27,6 @@ HL_LEVELS = {"Fair": 2, "Good": 3, "VeryGood": 4}  # a clip is positive when its
 MAX_PRED_WINDOWS = 10
 CLIP_SECONDS = 2
 _THR = np.array(IOU_THRESHOLDS)[:, None]  # (T, 1)
-
-
-def read_jsonl(path):
-    """Records of a JSONL file (blank lines skipped); DataError names the path and the line."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        raise DataError(f"{path}: is a folder, expected a JSONL file")
-    records = []
-    try:
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-                except UnicodeDecodeError:
-                    raise DataError(f"{path}: line {lineno}: not UTF-8 text") from None
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}: line {lineno}: malformed JSON ({exc.msg}, column {exc.colno})") from None
-                if not isinstance(rec, dict):
-                    raise DataError(f"{path}: line {lineno}: expected a JSON object, got {type(rec).__name__}")
-                records.append(rec)
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc.strerror})") from None
-    return records
 
 
 # ---------------------------------------------------------------- input checks and conversion
@@ -369,26 +340,18 @@ def _output_path(path):
     return path
 
 
+def metrics_path_for(pred_path):
+    """The metrics file written beside a predictions file: ``PRED.jsonl`` -> ``PRED_metrics.json``."""
+    root = pred_path[:-len(".jsonl")] if pred_path.endswith(".jsonl") else pred_path
+    return root + "_metrics.json"
+
+
 def _write_json_atomic(obj, path):
-    """Write to a temporary file in the same folder, then ``os.replace`` it onto ``path``."""
-    folder = os.path.dirname(path)
+    """``qd_detr.io.write_json`` with a failure to write as a ConfigError naming ``path``."""
     try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        write_json(path, obj)
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot write in {folder} ({exc.strerror})") from None
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(obj, indent=4))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise ConfigError(f"{path}: cannot write ({exc.strerror})") from None
+        raise ConfigError(f"{path}: cannot write ({exc.strerror or exc})") from None
 
 
 def main(argv=None):
@@ -404,7 +367,7 @@ def main(argv=None):
     parser.add_argument("--not_verbose", action="store_true", help="no progress lines")
     args = parser.parse_args(argv)
     save_path = _output_path(args.save_path)
-    submission, gt = read_jsonl(args.submission_path), read_jsonl(args.gt_path)
+    submission, gt = read_json_lines(args.submission_path), read_json_lines(args.gt_path)
     prepared = _prepare(submission, gt, True, args.submission_path, args.gt_path)
     with contextlib.redirect_stdout(sys.stderr):
         results = _evaluate(*prepared, verbose=not args.not_verbose)

@@ -26,18 +26,38 @@ Dotted names (``layers.{l}.gate_{kind}``) are used alike in code, CSV values and
 """
 import contextlib
 import itertools
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-__all__ = ["GATE_KINDS", "gate_name", "GateRange", "GateRecord", "GateRecorder", "GateCaptureError",
-           "GateTrackingMixin", "fusion_gating_type", "fusion_num_layers", "fusion_gate_kinds", "fusion_gate_ranges"]
+from .config import PER_CLIP_GATING_TYPES
+from .extensions import SAMPLE_COMPARISON_PLOT, load_extension
+from .io import write_json
 
+__all__ = ["GATE_KINDS", "DEFAULT_KINDS", "GATE_SHAPES", "gate_name", "GateRange", "GateRecord", "GateRecorder",
+           "GateCaptureError", "GateTrackingMixin", "fusion_gating_type", "fusion_num_layers", "fusion_gate_kinds",
+           "fusion_gate_ranges"]
+
+#: Every gate kind, in this order everywhere: ``mha`` (audio cross-attention branch), ``ffn`` (FFN
+#: branch), ``beta`` (the v2 FiLM shift).
 GATE_KINDS = ("mha", "ffn", "beta")
+#: The kinds of every layout without FiLM (and of a store that does not say).
+DEFAULT_KINDS = ("mha", "ffn")
+#: Shape of one query's gate array per gating type (``qd_detr.config``), padding excluded:
+#: T = valid clips of the query, D = hidden dim.
+GATE_SHAPES = {
+    "global": "(1,): one gate per query",
+    "legacy": "(1,): one gate per query",
+    "global_diagstrip_ssm": "(1,): one gate per query",
+    "clipwise": "(T,): one gate per valid clip, padding excluded",
+    "elementwise": "(T, D): one gate per valid clip and feature dim, padding excluded",
+}
 
 
 def gate_name(layer, kind):
+    """The dotted name of a gate, used alike in code, CSV values and plot titles: ``layers.{layer}.gate_{kind}``."""
     return f"layers.{layer}.gate_{kind}"
 
 
@@ -110,7 +130,7 @@ def fusion_num_layers(fusion):
 
 def fusion_gate_kinds(fusion):
     """The gate kinds the fusion module applies, in ``GATE_KINDS`` order (same for every layer)."""
-    found = {k for block in fusion.fusion_layers for k in getattr(block.gating_function, "gate_kinds", ("mha", "ffn"))}
+    found = {k for block in fusion.fusion_layers for k in getattr(block.gating_function, "gate_kinds", DEFAULT_KINDS)}
     return tuple(k for k in GATE_KINDS if k in found)
 
 
@@ -283,7 +303,7 @@ class GateRecorder:
             lengths = _to_numpy(self._mask.sum(dim=1)).round().astype(np.int64)
         ids = self._ids(batch)
         records = [GateRecord(sample_id=ids[i], n_clips=int(lengths[i])) for i in range(batch)]
-        per_clip = self.gating_type in ("clipwise", "elementwise")
+        per_clip = self.gating_type in PER_CLIP_GATING_TYPES
         for layer in range(self.num_layers):
             gates = list(zip(("mha", "ffn"), self._gates[layer]))
             if self._film[layer]:
@@ -348,6 +368,18 @@ class GateTrackingMixin:
     def gate_tracking_enabled(self):
         return getattr(self, "_gate_recorder", None) is not None
 
+    @contextlib.contextmanager
+    def gate_tracking_paused(self):
+        """Forwards inside the block add nothing to ``gate_history`` (a no-op when tracking is off)."""
+        recorder = getattr(self, "_gate_recorder", None)
+        if recorder is not None:
+            recorder.detach()
+        try:
+            yield self
+        finally:
+            if recorder is not None:
+                recorder.attach()
+
     def set_current_sample_id(self, sample_id):
         """Name the batch elements of the next forward: one id per element (a list), or one id."""
         if not self.gate_tracking_enabled:
@@ -396,10 +428,11 @@ class GateTrackingMixin:
         return stats
 
     def compare_samples_gates(self, sample_ids, save_dir):
-        """Write ``gate_comparison.png`` (per-layer gates of the given samples) into ``save_dir``."""
-        import os
+        """Write ``gate_comparison.png`` (per-layer gates of the given samples) into ``save_dir``.
 
-        from gate_analysis.plots import plot_sample_comparison  # analysis is optional for the model
+        Drawn by the analysis package (``qd_detr.extensions.SAMPLE_COMPARISON_PLOT``, imported now);
+        a ConfigError says so when it is not importable."""
+        plot_sample_comparison = load_extension(SAMPLE_COMPARISON_PLOT, "compare_samples_gates (a plot)")
         mapping = {sid: self._records(sid)[0].gates for sid in sample_ids}
         os.makedirs(save_dir, exist_ok=True)
         ranges = {name: rng.as_dict() for name, rng in fusion_gate_ranges(self).items()}
@@ -408,14 +441,10 @@ class GateTrackingMixin:
 
     def save_gate_analysis(self, save_dir, sample_id=None):
         """Write ``gate_statistics_{sample_id or 'all'}.json`` and a comparison plot; return the paths."""
-        import json
-        import os
         os.makedirs(save_dir, exist_ok=True)
         tag = "all" if sample_id is None else str(sample_id)
         path = os.path.join(save_dir, f"gate_statistics_{tag}.json")
-        with open(path + ".tmp", "w") as fh:
-            json.dump({"gating_type": fusion_gating_type(self), "sample_id": sample_id,
-                       "statistics": self.get_gate_statistics(sample_id)}, fh, indent=2, default=str)
-        os.replace(path + ".tmp", path)
+        write_json(path, {"gating_type": fusion_gating_type(self), "sample_id": sample_id,
+                          "statistics": self.get_gate_statistics(sample_id)}, indent=2, default=str)
         ids = [r.sample_id for r in self._records(sample_id)][:20]
         return {"statistics": path, "plot": self.compare_samples_gates(ids, save_dir) if ids else None}

@@ -7,14 +7,16 @@ to multiples of the 2 s clip length (round half to even), in float32 as the orig
 scores re-rounded to 4 decimals, no re-sort. Saliency: ``saliency_scores.half()`` trimmed to the
 valid clips.
 """
-import json
-import os
+import json  # noqa: F401  (tests/test_bad_inputs.py patches postprocess.json; the writers live in qd_detr.io)
 
 import torch
 
+from .io import write_json, write_jsonl
 from .span_utils import span_cxw_to_xx
 
-__all__ = ["submission_lines", "finalize_windows", "write_jsonl", "write_json", "ambiguous_rows"]
+__all__ = ["submission_lines", "finalize_windows", "ambiguous_rows", "PROB_NOISE", "SPAN_NOISE",
+           # re-exported from qd_detr.io (their home)
+           "write_jsonl", "write_json"]
 
 
 def finalize_windows(rows, clip_length=2, min_ts=0, max_ts=150):
@@ -78,25 +80,3 @@ def ambiguous_rows(metas, outputs, prob_eps=PROB_NOISE, span_eps=SPAN_NOISE):
                 or _near_boundary(ends, span_eps * meta["duration"], 2.0).any()):
             rows.append(j)
     return rows
-
-
-def _atomic_write(path, write):
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_jsonl(path, lines):
-    """Write JSON lines atomically (temporary name, then rename)."""
-    _atomic_write(path, lambda fh: fh.writelines(json.dumps(line) + "\n" for line in lines))
-
-
-def write_json(path, obj):
-    """Write pretty JSON atomically."""
-    _atomic_write(path, lambda fh: json.dump(obj, fh, indent=4))

@@ -5,18 +5,15 @@ import pytest
 import torch
 
 from conftest import small_model
-from gate_analysis.ablation import (
-    CSV_COLUMNS,
+from gate_analysis.ablation import CSV_COLUMNS, compare_predictions, run_ablation
+from gate_analysis.contributions import ContributionWriter, load_contributions
+from gate_analysis.interventions import (
     AudioInterventionDataset,
-    ContributionWriter,
     Intervention,
     clamp_gates,
-    compare_predictions,
     dataset_mean_gates,
-    load_contributions,
     parse_interventions,
     reference_intervention,
-    run_ablation,
     run_intervention,
     swap_sources,
 )

@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 
 from gate_analysis.compare import CSV_COLUMNS, compare_runs, plot_compare
-from gate_analysis.stats import GateStatsAccumulator, write_stats_csvs
+from gate_analysis.stats import GateStatsAccumulator
+from gate_analysis.stats_csv import write_stats_csvs
 from gate_analysis.store import GateStoreWriter
 from qd_detr.errors import ConfigError, DataError
 

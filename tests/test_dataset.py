@@ -336,19 +336,19 @@ GOOD = '{"qid": 1, "query": "a", "vid": "v", "duration": 10}'
 
 
 @pytest.mark.parametrize("lines,pattern", [
-    ([GOOD, '{"qid": 2, "query": "a", "vid": "v" "duration": 10}'], r":2: malformed JSON"),
-    ([GOOD, "", "[1, 2]"], r":3: expected a JSON object"),
-    (['{"qid": 1, "query": "a", "vid": "v"}'], r":1: missing required field 'duration'"),
-    (['{"query": "a", "vid": "v", "duration": 3}'], r":1: missing required field 'qid'"),
-    (['{"qid": "7", "query": "a", "vid": "v", "duration": 10}'], r":1: field 'qid' must be an integer"),
-    (['{"qid": true, "query": "a", "vid": "v", "duration": 10}'], r":1: field 'qid' must be an integer"),
-    (['{"qid": 1, "query": "a", "vid": "v", "duration": "10"}'], r":1: field 'duration' must be a"),
-    (['{"qid": 1, "query": "a", "vid": "v", "duration": -4}'], r":1: field 'duration' must be positive"),
-    ([GOOD, GOOD], r":2: duplicate qid 1"),
+    ([GOOD, '{"qid": 2, "query": "a", "vid": "v" "duration": 10}'], r"line 2: malformed JSON"),
+    ([GOOD, "", "[1, 2]"], r"line 3: expected a JSON object"),
+    (['{"qid": 1, "query": "a", "vid": "v"}'], r"line 1: missing required field 'duration'"),
+    (['{"query": "a", "vid": "v", "duration": 3}'], r"line 1: missing required field 'qid'"),
+    (['{"qid": "7", "query": "a", "vid": "v", "duration": 10}'], r"line 1: field 'qid' must be an integer"),
+    (['{"qid": true, "query": "a", "vid": "v", "duration": 10}'], r"line 1: field 'qid' must be an integer"),
+    (['{"qid": 1, "query": "a", "vid": "v", "duration": "10"}'], r"line 1: field 'duration' must be a"),
+    (['{"qid": 1, "query": "a", "vid": "v", "duration": -4}'], r"line 1: field 'duration' must be positive"),
+    ([GOOD, GOOD], r"line 2: duplicate qid 1"),
     (['{"qid": 1, "query": "a", "vid": "v", "duration": 10, "relevant_windows": [[1]]}'],
-     r":1: field 'relevant_windows'"),
+     r"line 1: field 'relevant_windows'"),
     (['{"qid": 1, "query": "a", "vid": "v", "duration": 10, "relevant_clip_ids": [1, 2],'
-      ' "saliency_scores": [[1, 1, 1]]}'], r":1: 'saliency_scores' has 1 entries"),
+      ' "saliency_scores": [[1, 1, 1]]}'], r"line 1: 'saliency_scores' has 1 entries"),
     (["", "  ", ""], r"no records"),
 ])
 def test_read_jsonl_errors(tmp_path, lines, pattern):
@@ -363,7 +363,7 @@ def test_read_jsonl_paths_and_blank_lines(tmp_path):
     with pytest.raises(DataError, match="not found") as info:
         read_jsonl(tmp_path / "nope.jsonl")
     assert "nope.jsonl" in str(info.value)
-    with pytest.raises(DataError, match="is a directory"):
+    with pytest.raises(DataError, match="is a folder"):
         read_jsonl(tmp_path)
     path = tmp_path / "ok.jsonl"
     path.write_text("\n" + GOOD + "\n\n" + GOOD.replace('"qid": 1', '"qid": 2') + "\n\n")

@@ -10,7 +10,8 @@ import pytest
 
 from qd_detr.cli import run_main
 from qd_detr.errors import DataError
-from qd_detr.eval import eval_submission, main, per_query_metrics, read_jsonl
+from qd_detr.eval import eval_submission, main, per_query_metrics
+from qd_detr.io import read_json_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -37,8 +38,8 @@ def write_jsonl(path, records):
 # ---------------------------------------------------------------- reference files
 @needs_shared
 def test_sample_reproduces_official_metrics():
-    sub = read_jsonl(QVH / "standalone_eval_sample" / "sample_val_preds.jsonl")
-    gt = read_jsonl(QVH / "highlight_val_release.jsonl")
+    sub = read_json_lines(QVH / "standalone_eval_sample" / "sample_val_preds.jsonl")
+    gt = read_json_lines(QVH / "highlight_val_release.jsonl")
     ref = json.loads((QVH / "standalone_eval_sample" / "sample_val_preds_metrics_raw.json").read_text())
     got = flatten(eval_submission(sub, gt))
     want = flatten(ref)
@@ -50,8 +51,8 @@ def test_sample_reproduces_official_metrics():
 @pytest.mark.parametrize("ckpt", sorted(p.name for p in FIXTURES.glob("ckpt_*")) if FIXTURES.is_dir() else [])
 def test_fixture_metrics_reproduced(ckpt):
     folder = FIXTURES / ckpt
-    sub = read_jsonl(folder / "hl_val_submission.jsonl")
-    gt = read_jsonl(FIXTURES / "data" / "highlight_val_release.jsonl")
+    sub = read_json_lines(folder / "hl_val_submission.jsonl")
+    gt = read_json_lines(FIXTURES / "data" / "highlight_val_release.jsonl")
     want = flatten(json.loads((folder / "hl_val_submission_metrics.json").read_text()))
     got = flatten(eval_submission(sub, gt))
     assert got == want and list(got) == list(want)
@@ -227,15 +228,15 @@ def test_read_jsonl_reports_line(tmp_path):
     p = tmp_path / "x.jsonl"
     p.write_text('{"qid": 1}\n\n{"qid": 2,\n')
     with pytest.raises(DataError, match=f"{p}: line 3: malformed JSON"):
-        read_jsonl(p)
+        read_json_lines(p)
     p.write_text('{"qid": 1}\n[1, 2]\n')
     with pytest.raises(DataError, match="line 2: expected a JSON object"):
-        read_jsonl(p)
+        read_json_lines(p)
     p.write_bytes(b'{"qid": 1}\n{"qid": 2}\n{"q": "\xff"}\n')
     with pytest.raises(DataError, match="line 3: not UTF-8"):
-        read_jsonl(p)
+        read_json_lines(p)
     p.write_text('\ufeff{"qid": 1}\n\n')  # a byte-order mark is accepted; blank lines are skipped
-    assert read_jsonl(p) == [{"qid": 1}]
+    assert read_json_lines(p) == [{"qid": 1}]
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ matplotlib = pytest.importorskip("matplotlib")
 import matplotlib.image as mpimg  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 
-from gate_analysis import plots  # noqa: E402
+from gate_analysis import figures, plots  # noqa: E402
 
 GATING_TYPES = ["global", "clipwise", "elementwise"]
 KINDS = ("mha", "ffn")
@@ -181,7 +181,7 @@ def test_per_kind_value_ranges(tmp_path, monkeypatch):
     assert got == [(-0.3, 0.3), (0.0, 1.5)]
     # axes widen to show data outside the gate range (FFN values reach -0.6 here)
     fig, ax = plt.subplots()
-    plots._value_lim(ax, vr, mapping[0][(0, "ffn")], kind="ffn")
+    figures.value_lim(ax, vr, mapping[0][(0, "ffn")], kind="ffn")
     lo, hi = ax.get_ylim()
     plt.close(fig)
     assert lo <= mapping[0][(0, "ffn")].min() and hi >= 0.3

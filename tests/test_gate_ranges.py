@@ -11,16 +11,11 @@ import torch
 
 from conftest import FIXTURE_DATA, FIXTURES, ROOT, fixture_feature_args, requires_fixtures, save_checkpoint, small_model
 from gate_analysis import plots as P
-from gate_analysis.ablation import clamp_gates, parse_interventions
+from gate_analysis.interventions import clamp_gates, parse_interventions
 from gate_analysis.pipeline import AnalysisConfig, run_analysis
 from gate_analysis.ranges import TANH, ranges_as_dict, thresholds
-from gate_analysis.stats import (
-    CSV_COLUMNS,
-    GateStatsAccumulator,
-    accumulate_gate_run,
-    csv_columns_markdown,
-    write_stats_csvs,
-)
+from gate_analysis.stats import GateStatsAccumulator, accumulate_gate_run
+from gate_analysis.stats_csv import CSV_COLUMNS, csv_columns_markdown, write_stats_csvs
 from gate_analysis.store import GateStoreWriter, load_gate_run
 from qd_detr.dataset import collate, model_kwargs, read_jsonl
 from qd_detr.errors import ConfigError

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from gate_analysis import CSV_COLUMNS, GateStatsAccumulator, GateStoreWriter, load_gate_run, write_stats_csvs
-from gate_analysis.stats import CSV_FILES
+from gate_analysis.stats_csv import CSV_FILES
 
 KINDS = ("mha", "ffn")
 f32 = np.float32

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from gate_analysis import GateStoreWriter, load_gate_run
-from gate_analysis.store import gate_name
+from qd_detr.gates import gate_name
 
 LAYERS = 3
 KINDS = ("mha", "ffn")

@@ -1,4 +1,6 @@
 """Gate capture: values against direct computation, padding, ids, firing audit and the tracking API."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -160,3 +162,78 @@ def test_model_without_fusion_has_no_gates():
     assert model.fusion is None
     with pytest.raises(NoFusionError, match="no audio-visual fusion module"):
         model.avigate_fusion
+
+
+# ------------------------------------------------------------------------------------------ engine
+def _demo_dataset(demo_data, opt):
+    from qd_detr.annotations import read_jsonl
+    from qd_detr.dataset import build_dataset
+    root, paths = demo_data
+    dirs = dict(v_feat_dirs=paths["v_feat_dirs"], t_feat_dir=paths["t_feat_dir"], a_feat_dir=paths["a_feat_dir"])
+    return build_dataset(opt, read_jsonl(paths["jsonl"]["val"]), dirs)
+
+
+def test_engine_sink_captures_what_a_recorder_around_the_loop_captures(demo_data):
+    """iterate_batches(sink=...) names records by qid, pauses them in exact re-runs, leaves outputs as they are."""
+    from qd_detr.batching import make_batches
+    from qd_detr.engine import iterate_batches
+    model, opt = small_model("custom", "clipwise", seed=1)
+    dataset = _demo_dataset(demo_data, opt)
+    batches = make_batches(dataset, "query", 4)
+    kw = dict(progress=False, exact=True)
+    manual, engine, stats = {}, {}, {}
+    with GateRecorder(model.fusion, lambda recs: manual.update({r.sample_id: r for r in recs})) as rec:
+        plain = [o for _, _, o in iterate_batches(model, dataset, batches, "cpu", suspend=rec.paused,
+                                                  before_forward=lambda m, _: rec.set_ids([x["qid"] for x in m]),
+                                                  **kw)]
+    got = [o for _, _, o in iterate_batches(model, dataset, batches, "cpu", stats=stats,
+                                            sink=lambda recs: engine.update({r.sample_id: r for r in recs}), **kw)]
+    assert sorted(engine) == sorted(manual) == sorted(dataset.qids)
+    for qid in manual:
+        for key, gate in manual[qid].gates.items():
+            assert np.array_equal(gate, engine[qid].gates[key])
+    for a, b in zip(plain, got):
+        assert all(torch.equal(a[k], b[k]) for k in ("pred_logits", "pred_spans", "saliency_scores"))
+    assert not model.fusion.gate_tracking_enabled and "exact_reruns" in stats
+
+
+def test_run_batches_restores_mode_and_pauses_user_tracking(demo_data):
+    from qd_detr.batching import collated_batches, sequential_batches
+    from qd_detr.engine import capture_gates
+    model, opt = small_model("custom", "elementwise", seed=2)
+    dataset = _demo_dataset(demo_data, opt)
+    fusion = model.fusion.enable_gate_tracking()
+    model.train()
+    got = {}
+    batches = (([m["qid"] for m in metas], inputs)
+               for metas, inputs in collated_batches(dataset, sequential_batches(len(dataset), 5)))
+    n = capture_gates(model, batches, lambda recs: got.update({r.sample_id: r for r in recs}),
+                      capture_contributions=True)
+    assert n == -(-len(dataset) // 5) and sorted(got) == sorted(dataset.qids)
+    assert model.training and fusion.gate_tracking_enabled and fusion.gate_history == {}
+    rec = got[dataset.qids[0]]
+    assert rec.gates[(0, "mha")].shape == (rec.n_clips, model.hidden_dim)
+    assert rec.contributions[(0, "mha")].shape == (rec.n_clips,)
+    fusion.disable_gate_tracking()
+
+
+def test_tracking_api_writes_statistics_and_the_comparison_plot(tmp_path):
+    model, opt = small_model("custom", "clipwise")
+    fusion = model.fusion.enable_gate_tracking()
+    fusion.set_current_sample_id([11, 12])
+    with torch.no_grad():
+        model(**_inputs(opt, [6, 3]))
+    paths = fusion.save_gate_analysis(tmp_path / "out")
+    saved = json.loads(open(paths["statistics"]).read())
+    assert saved["gating_type"] == "clipwise" and saved["statistics"]["layers.0.gate_mha"]["n_samples"] == 2
+    assert paths["plot"].endswith("gate_comparison.png") and open(paths["plot"], "rb").read(4) == b"\x89PNG"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gate_comparison.png", "gate_statistics_all.json"]
+
+
+def test_an_extension_that_cannot_be_imported_is_a_clear_error():
+    from qd_detr.errors import ConfigError
+    from qd_detr.extensions import load_extension
+    with pytest.raises(ConfigError, match="compare_samples_gates .* needs the analysis package .no_such_pkg_xyz"):
+        load_extension("no_such_pkg_xyz.plots:plot", "compare_samples_gates (a plot)")
+    with pytest.raises(ConfigError, match="has no nothing_here"):
+        load_extension("qd_detr.gates:nothing_here", "test")

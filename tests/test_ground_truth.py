@@ -8,13 +8,12 @@ from conftest import small_model
 from gate_analysis.ground_truth import (
     CSV_COLUMNS,
     GLOBAL_NOTE,
-    auroc,
     clip_labels,
     ground_truth_tables,
-    midranks,
     plot_ground_truth,
     write_ground_truth,
 )
+from gate_analysis.rank_stats import auroc, midranks
 from gate_analysis.store import GateStoreWriter, load_gate_run
 from qd_detr.dataset import collate, model_kwargs, read_jsonl
 from qd_detr.gates import GateRecorder

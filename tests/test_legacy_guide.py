@@ -203,7 +203,7 @@ def test_non_interactive_model_without_fusion_exits_1(capsys, tmp_path):
 
 
 def test_saved_relative_paths_are_found_from_the_training_repo_root(tmp_path):
-    from gate_analysis.legacy import _saved_path
+    from gate_analysis.guide import saved_path as _saved_path
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "val.jsonl").write_text("")
     ckpt = tmp_path / "results" / "run" / "model_best.ckpt"

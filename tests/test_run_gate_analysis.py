@@ -18,7 +18,7 @@ from conftest import (
     save_checkpoint,
     small_model,
 )
-from gate_analysis.stats import CSV_COLUMNS
+from gate_analysis.stats_csv import CSV_COLUMNS
 from gate_analysis_utils import load_gate_run
 from qd_detr.dataset import collate, model_kwargs, read_jsonl
 from qd_detr.gates import GateRecorder

@@ -4,12 +4,15 @@ import argparse
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
 import torch
 
-from conftest import SMALL_DIMS, demo_feature_args, small_options
+from conftest import ROOT, SMALL_DIMS, demo_feature_args, small_options
+from qd_detr.callbacks import TrainCallback
 from qd_detr.checkpoint import load_checkpoint
 from qd_detr.cli import run_main
 from qd_detr.config import ARCH_OPTIONS, options_from_opt_json
@@ -18,7 +21,15 @@ from qd_detr.errors import ConfigError
 from qd_detr.losses import SetCriterion, build_criterion, build_weight_dict, saliency_loss_terms
 from qd_detr.matcher import HungarianMatcher
 from qd_detr.model import build_model
-from qd_detr.train import build_optimizer, main, opt_json_from, train_one_epoch
+from qd_detr.train import (
+    build_optimizer,
+    get_args_parser,
+    main,
+    opt_json_from,
+    options_from_args,
+    train,
+    train_one_epoch,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -329,3 +340,38 @@ def test_resume_all_continues_after_the_saved_epoch(trained_run, tmp_path):
     assert [h["epoch"] for h in summary["history"]] == [2]
     ckpt = torch.load(out / "model_latest.ckpt", weights_only=False)
     assert ckpt["epoch"] == 2 and ckpt["lr_scheduler"]["last_epoch"] == 3
+
+
+# ------------------------------------------------------------------------------------------ package boundary
+def test_qd_detr_never_imports_the_analysis_package():
+    """Every qd_detr module imports without gate_analysis (it is reached by name only, qd_detr.extensions)."""
+    code = ("import importlib, pkgutil, sys, qd_detr\n"
+            "for m in pkgutil.iter_modules(qd_detr.__path__):\n"
+            "    importlib.import_module('qd_detr.' + m.name)\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'gate_analysis')\n"
+            "assert not bad, bad\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_train_calls_its_callbacks_and_records_what_they_return(demo_data, tmp_path):
+    root, _ = demo_data
+    calls = []
+
+    class Spy(TrainCallback):
+        def on_train_start(self, model, eval_dataset, opt, start_epoch, resuming):
+            calls.append(("start", start_epoch, resuming, len(eval_dataset)))
+
+        def on_epoch_end(self, epoch, model, last):
+            calls.append(("epoch", epoch, last, model.training))
+            return {"spy": epoch}
+
+        def summary(self):
+            return {"spy_calls": len(calls)}
+
+    args = _cli_args(root, tmp_path / "run", "--n_epoch", "2", "--eval_epoch", "1", "--gate_monitor_every", "1")
+    opt, opt_json = options_from_args(get_args_parser().parse_args(args))
+    summary = train(opt, opt_json, progress=False, log=lambda *a: None, callbacks=[Spy()])  # replaces the monitor
+    assert [c[:3] for c in calls] == [("start", 0, False), ("epoch", 0, False), ("epoch", 1, True)]
+    assert [h["spy"] for h in summary["history"]] == [0, 1] and summary["spy_calls"] == 3
+    assert summary["gate_monitor"] is None and not (tmp_path / "run" / "gate_monitor").exists()

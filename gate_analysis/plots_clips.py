@@ -1,0 +1,136 @@
+"""Per-clip views of selected queries, read from the raw gates (a ``GateRun`` or a mapping
+``{qid: {(layer, kind): array}}``): the queries x clips heatmap of one gate and the side-by-side
+comparison of a few queries. Clipwise and elementwise gating only (elementwise: mean over dims)."""
+import numpy as np
+from matplotlib.patches import Patch
+
+from qd_detr.gates import gate_name
+
+from .figures import (
+    LAYOUT,
+    PAD_COLOR,
+    cmap_norm,
+    colorbar,
+    gate_source,
+    heatmap_height,
+    kind_label,
+    panel_scale,
+    per_clip_values,
+    plt,
+    query_label,
+    save_png,
+    subsample_indices,
+    value_lim,
+    zero_line,
+)
+from .gate_arrays import PER_CLIP_GATING_TYPES
+
+__all__ = ["plot_query_clip_heatmap", "plot_sample_comparison"]
+
+
+def plot_query_clip_heatmap(gate_run, layer, kind, path, qids=None, max_queries=100, value_range=None,
+                            gate_ranges=None):
+    """Queries x clips heatmap of one gate (``layers.{layer}.gate_{kind}``) for clipwise or
+    elementwise gating (elementwise averaged over the D dims). Clips beyond a video's end are NaN and
+    drawn grey. ``qids``: rows to show (default: up to ``max_queries`` evenly spaced queries). Colours
+    follow the gate's declared range (``gate_ranges``, default: the gate run's)."""
+    src = gate_source(gate_run)
+    if gate_ranges is None:
+        gate_ranges = getattr(src, "gate_ranges", None)
+    if src.gating_type not in PER_CLIP_GATING_TYPES:
+        raise ValueError(f"plot_query_clip_heatmap needs clipwise or elementwise gates; this run has "
+                         f"{src.gating_type!r} gating (one gate per query)")
+    requested = list(src.qids if qids is None else qids)
+    chosen = [requested[i] for i in subsample_indices(len(requested), max_queries)]
+    if not chosen:
+        raise ValueError("plot_query_clip_heatmap: no queries to plot")
+    get = src.gate if hasattr(src, "gate") else (lambda q, l, k: src.gates(q)[(l, k)])
+    rows = [per_clip_values(get(q, layer, kind)) for q in chosen]
+    t_max = max(r.size for r in rows)
+    m = np.full((len(rows), max(t_max, 1)), np.nan)  # NaN = padding (no such clip)
+    for i, r in enumerate(rows):
+        m[i, :r.size] = r
+    sc = panel_scale(value_range, kind, gate_ranges, layer)
+    cmap, norm, _ = cmap_norm(sc)
+    n = len(rows)
+    fig, ax = plt.subplots(layout=LAYOUT, figsize=(min(max(0.12 * t_max + 3.5, 7.5), 16), heatmap_height(n)))
+    im = ax.imshow(m, aspect="auto", interpolation="nearest", cmap=cmap, norm=norm)
+    ax.set_xlabel("clip index t (2-second clips)")
+    if n <= 60:
+        ax.set_yticks(range(n), [query_label(src, q) for q in chosen], fontsize=7)
+        ax.set_ylabel("query")
+    else:
+        ax.set_yticks([])
+        ax.set_ylabel(f"queries (row = one query; {n:,} rows)")
+    colorbar(fig, im, ax, sc)
+    ax.legend(handles=[Patch(facecolor=PAD_COLOR, label="no clip (video shorter)")], loc="upper right",
+              fontsize=8, framealpha=0.9)
+    how = " (mean over feature dims)" if src.gating_type == "elementwise" else ""
+    note = f"{n:,} of {len(requested):,} queries (evenly spaced)" if n < len(requested) else f"{n:,} queries"
+    ax.set_title(f"{gate_name(layer, kind)}: gate per clip{how}, {src.gating_type} gating; {note}", fontsize=11)
+    return save_png(fig, path)
+
+
+def plot_sample_comparison(gate_run_or_mapping, qids, path, value_range=None, max_samples=10, gate_ranges=None):
+    """Selected queries side by side: per-layer mean gate (one panel per gate kind); for clipwise and
+    elementwise gating also the per-clip gate profile of every layer (elementwise: mean over dims,
+    ± std over dims when at most 3 queries are shown). Axes follow the declared ``gate_ranges``
+    (default: the gate run's)."""
+    src = gate_source(gate_run_or_mapping)
+    if gate_ranges is None:
+        gate_ranges = getattr(src, "gate_ranges", None)
+    qids = list(qids)
+    if not qids:
+        raise ValueError("plot_sample_comparison: no qids given")
+    shown = qids[:max_samples]
+    gates = {q: src.gates(q) for q in shown}  # KeyError names the unknown qid
+    layers, kinds = list(src.layers), list(src.kinds)
+    per_clip = src.gating_type in PER_CLIP_GATING_TYPES
+    elementwise = src.gating_type == "elementwise"
+    nrow = 1 + (len(layers) if per_clip else 0)
+    t_max = max((np.asarray(a).shape[0] for g in gates.values() for a in g.values()), default=1)
+    fig, axes = plt.subplots(nrow, len(kinds), layout=LAYOUT, squeeze=False,
+                             figsize=(6.2 * len(kinds), 3.0 + 2.3 * (nrow - 1)))
+    colors = plt.get_cmap("tab10")
+    for j, kind in enumerate(kinds):
+        ax = axes[0, j]
+        all_means = []
+        for c, q in enumerate(shown):
+            means = [float(np.mean(gates[q][(l, kind)], dtype=np.float64)) for l in layers]
+            all_means += means
+            ax.plot(layers, means, marker="o", color=colors(c % 10), label=query_label(src, q))
+        sc = panel_scale(value_range, kind, gate_ranges)
+        zero_line(ax, sc, axis="y")
+        value_lim(ax, sc, all_means)
+        ax.set_xticks(layers)
+        ax.set_xlabel("fusion layer")
+        ax.set_ylabel("mean gate of the query")
+        ax.set_title(f"{kind_label(kind, sc.rng)}: mean per layer", fontsize=10, loc="left")
+        for i, layer in enumerate(layers if per_clip else []):
+            ax = axes[i + 1, j]
+            values = []
+            for c, q in enumerate(shown):
+                arr = np.asarray(gates[q][(layer, kind)], dtype=np.float64)
+                y = per_clip_values(arr)
+                values.append(y)
+                ax.plot(np.arange(y.size), y, color=colors(c % 10), lw=1.1)
+                if arr.ndim == 2 and len(shown) <= 3:  # spread over dims; too cluttered for more queries
+                    sd = arr.std(axis=1)
+                    ax.fill_between(np.arange(y.size), y - sd, y + sd, color=colors(c % 10), alpha=0.12, lw=0)
+            sc = panel_scale(value_range, kind, gate_ranges, layer)
+            zero_line(ax, sc, axis="y")
+            value_lim(ax, sc, np.concatenate(values))
+            ax.set_xlim(-0.5, t_max - 0.5)
+            if j == 0:
+                ax.set_ylabel("gate value")
+            dims = f" (mean over dims{' ± std' if len(shown) <= 3 else ''})" if elementwise else ""
+            ax.set_title(f"{gate_name(layer, kind)} per clip{dims}", fontsize=10, loc="left")
+            if i == len(layers) - 1:
+                ax.set_xlabel("clip index t (2-second clips)")
+            else:
+                ax.tick_params(labelbottom=False)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(shown), 5), fontsize=9, frameon=False)
+    note = f" (first {len(shown)} of {len(qids)} requested)" if len(shown) < len(qids) else ""
+    fig.suptitle(f"Gate comparison of selected queries, {src.gating_type} gating{note}", fontsize=12)
+    return save_png(fig, path)

@@ -1,0 +1,230 @@
+"""Figures of the ground-truth analysis (``gate_analysis.ground_truth``): per-query AUROC and Spearman
+distributions, mean inside vs outside the relevant windows, the across-queries relation with the fraction
+of relevant clips, and gates along the video of a few labelled queries (``GROUND_TRUTH_PLOTS``)."""
+import os
+
+import numpy as np
+
+from qd_detr.gates import GATE_KINDS, gate_name
+
+from .figures import (
+    KIND_COLOR,
+    LAYOUT,
+    kind_label,
+    panel_scale,
+    plt,
+    save_png,
+    subsample_indices,
+    value_lim,
+    zero_line,
+)
+from .gate_arrays import PER_CLIP_GATING_TYPES
+from .ground_truth import MEASURES, accumulate_ground_truth, clip_labels, per_clip_values
+from .outputs import GROUND_TRUTH_PLOTS, PLOTS_DIR
+from .rank_stats import spearman
+
+__all__ = ["plot_ground_truth", "plot_examples"]
+
+
+def plot_ground_truth(per_query, overall, output_dir, records=None, gate_run=None, contributions=None,
+                      n_examples=4, across=None, gate_ranges=None):
+    """Figures of ``GROUND_TRUTH_PLOTS`` (those that apply); returns the written paths. ``across``: the
+    accumulator's ``across_queries()`` when at hand (else computed from records, gate run, contributions);
+    ``n_examples=0`` leaves out the examples figure (``plot_examples``). Gate axes follow the declared
+    ``gate_ranges`` (default: the gate run's; tanh [-1, 1] without either)."""
+    if gate_ranges is None:
+        gate_ranges = getattr(gate_run, "gate_ranges", None)
+    out = os.path.join(output_dir, PLOTS_DIR)
+    os.makedirs(out, exist_ok=True)
+    paths = []
+    measures = [m for m in MEASURES if len(per_query) and (per_query["measure"] == m).any()]
+    if measures:
+        paths.append(_plot_distributions(per_query, measures, os.path.join(out, GROUND_TRUTH_PLOTS["distributions"])))
+        paths.append(_plot_inside_outside(per_query, measures, os.path.join(out, GROUND_TRUTH_PLOTS["inside_outside"]),
+                                          gate_ranges))
+    if across is None and records is not None and (gate_run is not None or contributions is not None):
+        across = accumulate_ground_truth(records, gate_run, contributions).across_queries()
+    if across is not None:
+        paths.append(_plot_across_queries(across, os.path.join(out, GROUND_TRUTH_PLOTS["across_queries"]),
+                                          gate_ranges))
+    if n_examples and records is not None and gate_run is not None:
+        paths += plot_examples(records, gate_run, output_dir, n_examples)
+    return paths
+
+
+def plot_examples(records, gate_run, output_dir, n_examples=4):
+    """``GROUND_TRUTH_PLOTS["examples"]``: gates along the video of a few labelled queries (clipwise and
+    elementwise runs); returns the written paths. Needs no table, so it can be drawn early."""
+    if gate_run.gating_type not in PER_CLIP_GATING_TYPES:
+        return []
+    out = os.path.join(output_dir, PLOTS_DIR)
+    os.makedirs(out, exist_ok=True)
+    p = _plot_examples(records, gate_run, n_examples, os.path.join(out, GROUND_TRUTH_PLOTS["examples"]))
+    return [p] if p else []
+
+
+def _layer_color(i):
+    """Colour of the ``i``-th layer (8 colours, cycled)."""
+    return ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive",
+            "tab:cyan")[i % 8]
+
+
+def _positions(per_query):
+    """The (layer, kind) gates of a per-query table, by layer then kind order."""
+    keys = sorted({(int(l), k) for l, k in zip(per_query["layer"], per_query["gate"])},
+                  key=lambda t: (t[0], GATE_KINDS.index(t[1]) if t[1] in GATE_KINDS else 9))
+    return keys
+
+
+def _plot_distributions(per_query, measures, path):
+    """Box plots of the per-query AUROC and Spearman rho per gate, one row per measure."""
+    keys = _positions(per_query)
+    fig, axes = plt.subplots(len(measures), 2, figsize=(max(8, 0.9 * len(keys) + 5), 3.4 * len(measures) + 0.9),
+                             layout=LAYOUT, squeeze=False)
+    for i, measure in enumerate(measures):
+        pq = per_query[per_query["measure"] == measure]
+        panels = (("auroc_inside", 0.5, (0, 1), "AUROC inside vs outside"),
+                  ("spearman_saliency", 0.0, (-1, 1), "Spearman rho with saliency"))
+        for j, (stat, ref, lim, label) in enumerate(panels):
+            ax = axes[i, j]
+            data, pos, colors = [], [], []
+            for x, (layer, kind) in enumerate(keys):
+                v = pq[(pq["layer"] == layer) & (pq["gate"] == kind)][stat].to_numpy(float)
+                v = v[np.isfinite(v)]
+                data.append(v)
+                pos.append(x)
+                colors.append(KIND_COLOR.get(kind, "tab:gray"))
+            ok = [k for k, d in enumerate(data) if d.size]
+            if ok:
+                bp = ax.boxplot([data[k] for k in ok], positions=[pos[k] for k in ok], widths=0.6, patch_artist=True,
+                                showfliers=False)
+                for k, box in zip(ok, bp["boxes"]):
+                    box.set_facecolor(colors[k])
+                    box.set_alpha(0.45)
+                for k in ok:
+                    jitter = (np.random.default_rng(k).random(data[k].size) - 0.5) * 0.3
+                    ax.scatter(pos[k] + jitter, data[k], s=8, color="k", alpha=0.5, zorder=3)
+            ax.axhline(ref, color="0.3", lw=0.8, ls="--")
+            ax.set_ylim(lim[0] - 0.03, lim[1] + 0.03)
+            ax.set_xticks(pos, [gate_name(l, k) for l, k in keys], rotation=35, ha="right", fontsize=8)
+            ax.set_ylabel(f"per-query {label}")
+            ax.set_title(f"{measure}: {label} (dashed: no relation)", fontsize=10, loc="left")
+    fig.suptitle("Do gates follow the annotations? One point per labelled query", fontsize=12)
+    return save_png(fig, path)
+
+
+def _plot_inside_outside(per_query, measures, path, gate_ranges=None):
+    """Per-query mean inside vs outside the relevant windows, one panel per measure x kind x layer."""
+    keys = _positions(per_query)
+    layers = sorted({l for l, _ in keys})
+    kinds = [k for k in GATE_KINDS if any(kk == k for _, kk in keys)]
+    fig, axes = plt.subplots(len(measures) * len(kinds), len(layers),
+                             figsize=(3.2 * len(layers) + 1, 3.1 * len(measures) * len(kinds) + 0.8),
+                             layout=LAYOUT, squeeze=False)
+    r = 0
+    for measure in measures:
+        pq = per_query[per_query["measure"] == measure]
+        for kind in kinds:
+            for j, layer in enumerate(layers):
+                ax = axes[r, j]
+                sel = pq[(pq["layer"] == layer) & (pq["gate"] == kind)]
+                x, y = sel["mean_outside"].to_numpy(float), sel["mean_inside"].to_numpy(float)
+                ax.scatter(x, y, s=12, color=KIND_COLOR.get(kind, "tab:gray"), alpha=0.7)
+                if measure == "gate":  # the gate's declared range (2% margin), widened to the data
+                    sc = panel_scale(None, kind, gate_ranges, layer)
+                    both = np.concatenate([x, y])
+                    both = both[np.isfinite(both)]
+                    lo, hi = (min(sc.lo, both.min()), max(sc.hi, both.max())) if both.size else (sc.lo, sc.hi)
+                    lo, hi = lo - 0.02 * (hi - lo), hi + 0.02 * (hi - lo)
+                else:
+                    both = np.concatenate([x, y])
+                    both = both[np.isfinite(both)]
+                    lo, hi = 0.0, (float(both.max()) * 1.05 if both.size else 1.0) or 1.0
+                ax.plot([lo, hi], [lo, hi], color="0.4", lw=0.8, ls="--")
+                ax.set_xlim(lo, hi)
+                ax.set_ylim(lo, hi)
+                ax.set_aspect("equal", adjustable="box")
+                above = int(np.sum(y > x))
+                ax.set_title(f"{measure} {gate_name(layer, kind)}\n{above}/{len(sel)} queries higher inside",
+                             fontsize=9, loc="left")
+                ax.set_xlabel("mean outside windows")
+                if j == 0:
+                    ax.set_ylabel("mean inside windows")
+            r += 1
+    fig.suptitle("Per-query mean inside vs outside the relevant windows\n(above the diagonal: higher inside)",
+                 fontsize=11)
+    return save_png(fig, path)
+
+
+def _plot_across_queries(df, path, gate_ranges=None):
+    """``df``: ``GroundTruthAccumulator.across_queries()``."""
+    measures = [m for m in MEASURES if (df["measure"] == m).any()]
+    kinds = [k for k in GATE_KINDS if (df["gate"] == k).any()]
+    fig, axes = plt.subplots(max(len(measures), 1), max(len(kinds), 1),
+                             figsize=(5 * max(len(kinds), 1) + 1, 3.6 * max(len(measures), 1) + 0.6),
+                             layout=LAYOUT, squeeze=False)
+    layers = sorted(df["layer"].unique()) if len(df) else []
+    for i, measure in enumerate(measures):
+        for j, kind in enumerate(kinds):
+            ax = axes[i, j]
+            for c, layer in enumerate(layers):
+                sel = df[(df["measure"] == measure) & (df["gate"] == kind) & (df["layer"] == layer)]
+                rho, _, n = spearman(sel["frac"], sel["mean"])
+                ax.scatter(sel["frac"], sel["mean"], s=14, alpha=0.75, color=_layer_color(c),
+                           label=f"layer {layer} (rho {rho:+.2f}, n={n})")
+            sc = panel_scale(None, kind, gate_ranges)
+            if measure == "gate":
+                value_lim(ax, sc, df.loc[(df["measure"] == "gate") & (df["gate"] == kind), "mean"])
+                zero_line(ax, sc, axis="y")
+            ax.set_xlabel("fraction of the video's clips that are relevant")
+            ax.set_ylabel(f"query mean {measure}")
+            ax.set_title(f"{measure}: {kind_label(kind, sc.rng)}", fontsize=10, loc="left")
+            ax.legend(fontsize=7)
+    fig.suptitle("Across queries: mean gate / contribution vs how much of the video is relevant", fontsize=11)
+    return save_png(fig, path)
+
+
+def _plot_examples(records, gate_run, n_examples, path):
+    """Per-clip gates of up to ``n_examples`` labelled queries (relevant clips shaded, saliency dotted);
+    None when no query is labelled."""
+    labelled = {r["qid"]: r for r in records if r.get("relevant_clip_ids")}
+    candidates = [q for q in gate_run.qids if q in labelled]
+    if not candidates:
+        return None
+    chosen = [candidates[i] for i in subsample_indices(len(candidates), n_examples)]
+    kinds = list(gate_run.kinds)
+    gate_ranges = getattr(gate_run, "gate_ranges", None)
+    fig, axes = plt.subplots(len(chosen), len(kinds), figsize=(6.2 * len(kinds), 2.5 * len(chosen) + 0.8),
+                             layout=LAYOUT, squeeze=False)
+    for i, qid in enumerate(chosen):
+        gates = gate_run.gates(qid)
+        for j, kind in enumerate(kinds):
+            ax = axes[i, j]
+            t = None
+            for c, layer in enumerate(gate_run.layers):
+                v = per_clip_values(gates[(layer, kind)])
+                t = v.size
+                ax.plot(np.arange(t), v, color=_layer_color(c), lw=1.2,
+                        label=f"layer {layer}")
+            inside, sal = clip_labels(labelled[qid], t)
+            edges = np.diff(np.concatenate([[0], inside.astype(np.int8), [0]]))
+            starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)  # runs of relevant clips
+            sc = panel_scale(None, kind, gate_ranges)
+            value_lim(ax, sc, np.concatenate([per_clip_values(gates[(layer, kind)]) for layer in gate_run.layers]))
+            lo, hi = ax.get_ylim()
+            ax.broken_barh([(a - 0.5, b - a) for a, b in zip(starts, ends)], (lo, hi - lo), color="0.85", lw=0,
+                           zorder=0)
+            zero_line(ax, sc, axis="y")
+            ax.set_xlim(-0.5, t - 0.5)
+            tw = ax.twinx()
+            tw.plot(np.arange(t), sal, color="tab:red", lw=0.9, ls=":", label="saliency")
+            tw.set_ylim(0, 4.2)
+            tw.set_ylabel("saliency (mean of 3)", fontsize=8, color="tab:red")
+            ax.set_title(f"qid {qid}: {gate_name('*', kind)} (grey: relevant clips)", fontsize=9, loc="left")
+            ax.set_ylabel("gate")
+            if i == len(chosen) - 1:
+                ax.set_xlabel("clip (2 s)")
+            if i == 0 and j == 0:
+                ax.legend(fontsize=7, loc="lower left", ncol=2)
+    fig.suptitle("Gates along the video, relevant clips shaded grey, saliency dotted red", fontsize=11)
+    return save_png(fig, path)
