@@ -16,7 +16,6 @@ its keys (``qd_detr.keys``) without building a model; ``load_checkpoint`` takes 
 a path, so a checked load reads the file once.
 """
 import argparse
-import hashlib
 import os
 import pickle
 import re
@@ -38,6 +37,7 @@ from .config import (
     options_from_opt_json,
 )
 from .errors import CheckpointError, ConfigError
+from .io import file_sha256
 from .keys import (
     GATING_AMBIGUITY,
     KEY_RENAMES,
@@ -73,14 +73,6 @@ def resolve_device(device):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was requested but CUDA is not available on this machine")
     return device
-
-
-def file_sha256(path, chunk=1 << 20):
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # What torch.save writes: a zip archive (the default since torch 1.6) or a legacy pickle (protocol >= 2).
