@@ -24,7 +24,8 @@ from gate_analysis.compat import check_compatibility
 from gate_analysis.equivalence import TOLERANCE, EquivalenceError
 from gate_analysis.legacy import load_legacy_model_with_gate_tracking
 from qd_detr.checkpoint import inspect_checkpoint
-from qd_detr.keys import FUSION_SCOPE_PREFIX, KEY_RENAMES, KEY_TABLE, IncompatibleModelError, classify_keys
+from qd_detr.errors import IncompatibleModelError
+from qd_detr.keys import FUSION_SCOPE_PREFIX, KEY_RENAMES, KEY_TABLE, classify_keys
 
 __all__ = ["load_legacy_model_with_gate_tracking", "adapt_legacy_model", "check_compatibility",
            "inspect_checkpoint", "classify_keys", "IncompatibleModelError", "EquivalenceError", "KEY_RENAMES",

@@ -5,17 +5,21 @@
     python legacy_model_guide.py --model_path CKPT     # flags pre-answer the questions
     python legacy_model_guide.py --non-interactive --model_path CKPT --data_path JSONL --output_dir OUT
 
-Asks for the checkpoint, the data and feature folders (the checkpoint's saved ones are offered as
-defaults), the gating type only when the checkpoint does not state it, and what to analyse; checks
-each answer at once. Then runs the compatibility check and run_gate_analysis.py --legacy_model (in this
-process), and prints the equivalent non-interactive command. Answers may be piped on stdin. Flags have
-the names of run_gate_analysis.py. EOF or Ctrl-C stops it with one line and a non-zero exit code.
+Asks for the checkpoint (given a folder, it offers the checkpoint files in it), the data and feature
+folders (the checkpoint's saved ones, as found from here, are offered as defaults; saved ones that are
+not found are named with the paths tried), the gating type only when the checkpoint does not state it,
+and what to analyse, including the causal analyses (--ablate: one extra inference pass per
+intervention; --contributions: measured during the main pass); checks each answer at once. Then runs
+the compatibility check and run_gate_analysis.py --legacy_model (in this process), and prints the
+equivalent non-interactive command. Answers may be piped on stdin. Flags have the names of
+run_gate_analysis.py. EOF or Ctrl-C stops it with one line and a non-zero exit code.
 """
 import argparse
 import os
 import sys
 
 import run_gate_analysis
+from gate_analysis.interventions import AUDIO_INTERVENTIONS, GATE_SELECTIONS, GATE_VALUES
 from qd_detr.cli import analysis_args, data_args, model_args, run_main
 from qd_detr.errors import ConfigError, ToolkitError
 
@@ -32,6 +36,18 @@ def get_args_parser():
                    help="ask nothing: take every answer from the flags (or the checkpoint's defaults)")
     p.add_argument("--no_run", action="store_true",
                    help="only validate the answers and print the command; run neither check nor analysis")
+    g = p.add_argument_group("causal analyses", "as in run_gate_analysis.py; asked for when not given")
+    g.add_argument("--ablate", nargs="+", default=None, metavar="INTERVENTION",
+                   choices=(*GATE_VALUES, *AUDIO_INTERVENTIONS),
+                   help="re-run inference per intervention (one extra inference pass each): gates clamped to "
+                        "zero, one, minus_one or mean, or audio_zero / audio_swap")
+    g.add_argument("--ablate_layers", nargs="+", default=["all"], metavar="LAYERS",
+                   help="layers of the gate clamps: one intervention per item, 'all' or a layer index (default: all)")
+    g.add_argument("--ablate_gates", nargs="+", default=["both"], choices=tuple(GATE_SELECTIONS),
+                   help="gates the clamps replace: one intervention per item (default: both = mha and ffn)")
+    g.add_argument("--ablate_seed", type=int, default=0, help="seed of the audio_swap pairing of videos (default: 0)")
+    g.add_argument("--contributions", action="store_true",
+                   help="record per-clip contributions ||gate * branch|| / ||residual|| during the main pass")
     return p
 
 

@@ -18,22 +18,33 @@ Beyond gate values (each optional; ground truth and the performance link run whe
     --failure_cases N     N worst queries by top-1 IoU vs N matched successes -> gate_failure_*.csv
     --subset FILE [--subset_mode split]   restrict to (or split by) a qid list (text or JSONL)
     --compare_runs DIR ...                compare with earlier output folders (alone: no model needed)
+
+Gate logs of the research code (no model; gate_analysis.gate_log_run):
+    --gate_log FILE --data_path JSONL [--predictions PRED.jsonl]   analyse a log of inference.py --gate_log
+    --export_gate_log FILE [--from_run DIR]                        write our gates in that log's schema
 """
 import argparse
 import datetime
 import os
 import sys
 
-from qd_detr.cli import data_args, model_args, positive_int, prepare_output_dir, run_main
+from qd_detr.cli import (
+    analysis_args,
+    data_args,
+    model_args,
+    positive_int,
+    prepare_output_dir,
+    remove_if_empty,
+    resume_command,
+    run_main,
+    stop_on_sigterm,
+)
 from qd_detr.errors import ConfigError
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[model_args(), data_args()],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[model_args(), data_args(), analysis_args()],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output_dir", default=None,
-                   help="output folder (default: gate_analysis_results/<checkpoint>_<time>)")
-    p.add_argument("--overwrite", action="store_true", help="replace the results in an existing output folder")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run in --output_dir from its last completed batch "
                         "(same arguments; the final results equal an uninterrupted run)")
@@ -43,14 +54,11 @@ def get_args_parser():
     p.add_argument("--original_predictions", default=None, metavar="FILE",
                    help="the original run's prediction file to reproduce (with --legacy_model: default found beside "
                         "the checkpoint); its queries are re-run with the original batching, verdict in run.json")
-    p.add_argument("--max_samples", type=int, default=None, help="analyse only the first N queries of the JSONL")
-    p.add_argument("--compare_samples", nargs="*", type=int, default=None, metavar="QID",
-                   help="queries to compare in plots/sample_comparison.png (no ids: the top and bottom queries)")
-    p.add_argument("--top_n", type=positive_int, default=10, help="queries per top/bottom ranking (default: 10)")
-    p.add_argument("--no_plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--report_only", default=None, metavar="DIR",
+                   help="rebuild report.html and summary.txt of a complete output folder from its run.json and CSVs "
+                        "(nothing is re-run)")
     p.add_argument("--demo", action="store_true",
                    help="run on the built-in demo checkpoint and data (generated on first use)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     g = p.add_argument_group("beyond gate values")
     g.add_argument("--ablate", nargs="+", default=None, metavar="INTERVENTION",
                    choices=("zero", "one", "minus_one", "mean", "audio_zero", "audio_swap"),
@@ -80,16 +88,40 @@ def get_args_parser():
     g.add_argument("--compare_runs", nargs="+", default=None, metavar="DIR",
                    help="earlier output folders to compare per-layer and per-query gates with (with a model: this "
                         "run is added last; without --model_path/--data_path: comparison only)")
+    g = p.add_argument_group("gate logs of the research code (inference.py --gate_log)")
+    g.add_argument("--gate_log", default=None, metavar="FILE",
+                   help="analyse a gate log of the research code's capture without a model (needs --data_path for "
+                        "vids and labels): gate store, statistics, plots, ground truth, report")
+    g.add_argument("--predictions", default=None, metavar="FILE",
+                   help="with --gate_log: the logged run's predictions (e.g. hl_val_submission.jsonl), for the "
+                        "metrics and the performance link")
+    g.add_argument("--export_gate_log", default=None, metavar="FILE",
+                   help="write the run's gates as a gate log in the research code's schema (after a run, or with "
+                        "--from_run DIR from an existing output folder)")
+    g.add_argument("--from_run", default=None, metavar="DIR",
+                   help="with --export_gate_log: the output folder whose gates to export (nothing is run)")
     return p
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = get_args_parser().parse_args(argv)
+    if args.gate_log or args.from_run or args.predictions:  # gate logs of the research code: no model
+        from gate_analysis.gate_log_run import gate_log_main
+        return gate_log_main(args, get_args_parser())
+    export_to = None
+    if args.export_gate_log:
+        from gate_analysis.gate_log_run import prepare_export
+        export_to = prepare_export(args)
     if args.demo:
         from gate_analysis.demo import demo_arguments
-        for key, value in demo_arguments().items():
+        for key, value in demo_arguments(progress=not args.quiet).items():
             if getattr(args, key, None) in (None, False):
                 setattr(args, key, value)
+    if args.report_only:
+        from gate_analysis.rebuild import rebuild_report
+        rebuild_report(args.report_only, log=(lambda msg: None) if args.quiet else print)
+        return 0
     if args.compare_runs and not (args.model_path or args.data_path):
         return _compare_only(args)
     if not args.model_path or not args.data_path:
@@ -106,11 +138,24 @@ def main(argv=None):
                                        f"{stem}_{datetime.datetime.now():%Y%m%d_%H%M%S}")
     if args.resume and args.overwrite:
         raise ConfigError("--resume and --overwrite contradict each other: choose one")
+    created = not os.path.exists(args.output_dir)
     args.output_dir = prepare_output_dir(args.output_dir, overwrite=args.overwrite or args.resume)
 
     from gate_analysis.pipeline import AnalysisConfig, run_analysis
     cfg = AnalysisConfig(vars(args))
-    run_analysis(cfg, progress=not args.quiet)
+    try:
+        with stop_on_sigterm():
+            run_analysis(cfg, progress=not args.quiet)
+    except KeyboardInterrupt:
+        remove_if_empty(args.output_dir, created)
+        print(f"interrupted; to continue, run:\n  {resume_command(argv, args.output_dir)}", file=sys.stderr)
+        return 130
+    except BaseException:
+        remove_if_empty(args.output_dir, created)  # a run that failed before writing anything leaves no folder
+        raise
+    if export_to is not None:
+        from gate_analysis.gate_log import export_gate_log
+        export_gate_log(args.output_dir, export_to, progress=not args.quiet)
     return 0
 
 

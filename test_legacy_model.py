@@ -4,20 +4,26 @@
     python test_legacy_model.py --model_path results/run/model_best.ckpt
     python test_legacy_model.py --model_path CKPT --data_path data/highlight_val_release.jsonl --json
 
-Reports the checkpoint's format and options, fusion layout, gating type (and where it comes from),
-key matches, parameter count, the weight and output-equivalence proof on a ragged probe batch, the
-gates captured per layer with their shapes and, with --data_path, one real batch through the model.
-When the original run's predictions are beside the checkpoint (best_/latest_*_preds.jsonl,
-*_submission.jsonl; or --original_predictions FILE) and the data and features are available, their
-queries are re-run with the original batching and compared: REPRODUCES or DIFFERS (incompatible).
-Exit code: 0 compatible, 1 incompatible (reason given), 2 unreadable or bad input.
+Reports the checkpoint's format and saved options (each marked used or not used by the model), fusion
+layout, gating type (and where it comes from), key matches, parameter count, the weight and
+output-equivalence proof on a ragged probe batch and the gates captured per layer with their shapes;
+with --data_path, one real batch through the model (the data part). When the original run's
+predictions are beside the checkpoint (best_/latest_*_preds.jsonl, *_submission.jsonl; or
+--original_predictions FILE) and the data and features are available, their queries are re-run with
+the original batching and compared: REPRODUCES or DIFFERS (incompatible). Ends with the
+run_gate_analysis.py command for this checkpoint, with the data and feature folders it needs.
+
+The whole report is printed whenever the checkpoint can be read (--json: the same report as one JSON
+object); a problem with the data or the prediction file is named in its own part of the report.
+Exit code: 0 compatible, 1 incompatible (reason on stderr), 2 unreadable or bad input (one line on
+stderr): the checkpoint or the options, or a compatible checkpoint whose data or prediction file
+could not be used (the report says "compatible": true and names the problem part).
 (Not a pytest file: pytest collects only tests/.)
 """
 import argparse
-import json
 import sys
 
-from gate_analysis.compat import check_compatibility, format_report
+from gate_analysis.compat import check_compatibility, format_report, report_json
 from qd_detr.cli import add_feature_args, architecture_options, model_args, positive_int
 
 __all__ = ["get_args_parser", "main"]
@@ -51,13 +57,12 @@ def main(argv=None):
         print("interrupted", file=sys.stderr)
         return 130
     if args.json:
-        print(json.dumps(report, default=str))
-    elif code != 2:
-        print("\n".join(format_report(report)))
-    if code == 1:
-        print(f"incompatible: {report['reason']}", file=sys.stderr)
-    elif code == 2:
-        print(f"error: {report['reason']}", file=sys.stderr)
+        print(report_json(report))
+    elif "checkpoint" in report:  # read: the whole report; the reason goes to stderr only
+        print("\n".join(format_report(report, reason=False)))
+    sys.stdout.flush()
+    if code:
+        print(f"{'incompatible' if code == 1 else 'error'}: {report['reason']}", file=sys.stderr)
     return code
 
 

@@ -10,6 +10,7 @@ Importing this package does not import matplotlib: the plotting names (``plot_al
 from qd_detr.gates import GATE_KINDS, gate_name
 
 from .gate_arrays import GATING_TYPES
+from .lazy import lazy_attributes
 from .sink import GateSink
 from .stats import QUERY_STAT_NAMES, GateStatsAccumulator, accumulate_gate_run
 from .stats_csv import CSV_COLUMNS, CSV_FILES, write_stats_csvs
@@ -28,8 +29,4 @@ def __dir__():
     return sorted(set(globals()) | set(_PLOT_NAMES))
 
 
-def __getattr__(name):
-    if name in _PLOT_NAMES:
-        from . import plots
-        return getattr(plots, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, "gate_analysis.plots", _PLOT_NAMES)

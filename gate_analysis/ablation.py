@@ -12,13 +12,13 @@ import time
 import numpy as np
 import pandas as pd
 
+from qd_detr.engine import evaluate
 from qd_detr.eval import per_query_metrics
-from qd_detr.inference import evaluate
-from qd_detr.io import write_csv
-from qd_detr.postprocess import write_jsonl
+from qd_detr.io import write_csv, write_jsonl
 
 from .contributions import CSV_COLUMNS as CONTRIBUTION_COLUMNS
 from .interventions import run_intervention
+from .lazy import lazy_attributes
 from .outputs import ABLATION_DIR, ABLATION_FILE, ABLATION_OVERALL_FILE, ABLATION_PLOTS
 
 __all__ = ["compare_predictions", "overall_effects", "run_ablation", "CSV_COLUMNS", "PLOT_FILES", "QUERY_METRICS",
@@ -203,13 +203,7 @@ def _safe_name(name):
     return "".join(c if c.isalnum() or c in "-_.+" else "_" for c in name)
 
 
-# re-export (H-F): the figures moved to gate_analysis.plots_causal, loaded with matplotlib on first use
+# the figures live in gate_analysis.plots_causal (matplotlib, imported on first use)
 _PLOT_NAMES = ("plot_ablation", "plot_contributions")
 __all__ += _PLOT_NAMES
-
-
-def __getattr__(name):
-    if name in _PLOT_NAMES:
-        from . import plots_causal
-        return getattr(plots_causal, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, "gate_analysis.plots_causal", _PLOT_NAMES)

@@ -15,18 +15,17 @@ from qd_detr.avigate import AVIGATEFusion
 from qd_detr.avigate_custom import AVIGATEFusionCustom
 from qd_detr.checkpoint import strict_load
 from qd_detr.config import FUSION_VARIANTS, SSM_OPTIONS, V2_OPTIONS, fusion_variant, gate_options
-from qd_detr.errors import CheckpointError, ConfigError
+from qd_detr.errors import CheckpointError, ConfigError, IncompatibleModelError, NoFusionError
 from qd_detr.gates import fusion_gate_kinds, fusion_gate_ranges
 from qd_detr.keys import (
     FUSION_SCOPE_PREFIX,
     LAYOUT_DESCRIPTIONS,
-    IncompatibleModelError,
     classify_keys,
     describe_state_dict,
     normalize_state_dict,
     unknown_keys_text,
 )
-from qd_detr.model import BATCHING_MODES, NoFusionError, build_model
+from qd_detr.model import BATCHING_MODES, build_model
 from qd_detr.weight_options import infer_options
 
 from .equivalence import (

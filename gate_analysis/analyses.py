@@ -26,6 +26,7 @@ from .outputs import (
     FAILURE_PAIRS_FILE,
     GROUND_TRUTH_FILE,
     GROUND_TRUTH_OVERALL_FILE,
+    PERFORMANCE_ABLATION_FILE,
     PERFORMANCE_CORRELATIONS_FILE,
     PERFORMANCE_FILE,
     SUBSET_COMPARISON_FILE,
@@ -140,9 +141,12 @@ def performance_step(run, res):
     split = bool(info and info["mode"] == "split")
     if any(r.get("relevant_windows") for r in records):
         qs = acc.query_stats()
-        perf = PF.performance_table(run.lines, records, qs, res.contribution_summary, res.ablation, res.reference)
+        perf = PF.performance_table(run.lines, records, qs, res.contribution_summary)
         corr = PF.correlation_table(perf, res.ablation)
         frames = {PERFORMANCE_FILE: perf, PERFORMANCE_CORRELATIONS_FILE: corr}
+        joined = PF.ablation_join(perf, res.ablation)
+        if len(joined):
+            frames[PERFORMANCE_ABLATION_FILE] = joined
         if cfg.failure_cases:
             frames.update(_failure_frames(run, res, perf))
         if split:
@@ -156,7 +160,8 @@ def performance_step(run, res):
         res.files.update({k.rsplit(".", 1)[0]: k for k in PF.write_performance(run.out, frames)})
         if run.plots and len(perf):
             from .plots_performance import plot_performance
-            res.plots += plot_performance(perf, corr, run.out, gate_ranges=acc.gate_ranges)
+            effect = joined[joined["intervention"] == res.reference] if res.reference else None
+            res.plots += plot_performance(perf, corr, run.out, gate_ranges=acc.gate_ranges, ablation=effect)
     elif split:
         feats = PF.query_gate_features(acc.query_stats(), res.contribution_summary)
         comp = PF.subset_comparison(PF.read_subset(cfg.subset), feats, None, res.ablation)
@@ -186,11 +191,15 @@ def compare_step(run, res):
 
 #: The extended analyses in the order they run (later ones use earlier ones' tables).
 EXTENDED_STEPS = (contributions_step, ablation_step, ground_truth_step, performance_step, compare_step)
+#: What the progress bar shows while each step runs.
+STEP_LABELS = {contributions_step: "contributions", ablation_step: "interventions", ground_truth_step: "ground truth",
+               performance_step: "performance link", compare_step: "comparison of runs"}
 
 
 def run_extended_analyses(run):
     """Run ``EXTENDED_STEPS`` on the state of a run whose main pass is done; returns the ``Results``."""
     res = Results()
     for step in EXTENDED_STEPS:
-        step(run, res)
+        with run.phase(STEP_LABELS[step]):
+            step(run, res)
     return res

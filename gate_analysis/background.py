@@ -1,10 +1,12 @@
 """Work the main job runs beside the model: an ordered worker thread for the per-batch gate
 bookkeeping, and a forked process that draws the plots while the tables are computed."""
+import contextlib
 import ctypes
 import functools
 import multiprocessing
 import os
 import queue
+import signal
 import sys
 import threading
 import traceback
@@ -78,7 +80,15 @@ def _draw(acc, out, compare, more):
     return plot_gate_store(acc, out, compare_qids=compare, more=more)
 
 
+def _die_with_parent():
+    """Linux: the plotting process is killed when the analysis process dies (even by SIGKILL), so a killed run
+    leaves no process drawing into the folder that ``--resume`` rewrites."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def _plot_process(conn, acc, out, compare, more):
+    _die_with_parent()
     try:
         conn.send(("ok", _draw(acc, out, compare, more)))
     except BaseException:

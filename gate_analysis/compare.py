@@ -22,9 +22,10 @@ import numpy as np
 import pandas as pd
 
 from qd_detr.errors import ConfigError, DataError
-from qd_detr.gates import GATE_KINDS, gate_name
+from qd_detr.gates import ALL_LAYERS, GATE_KINDS, gate_name
 from qd_detr.io import write_csv
 
+from .lazy import lazy_attributes
 from .manifest import write_run_json
 from .outputs import (
     COMPARE_LAYERS_FILE,
@@ -37,18 +38,16 @@ from .outputs import (
     STATS_CSV_FILES,
 )
 from .ranges import ranges_from_meta
+from .stats_csv import gate_id_columns
 from .store import load_gate_run
 
-__all__ = ["load_run_summary", "check_run_dirs", "compare_runs", "write_compare", "run_compare_job", "run_gate_ranges",
-           "CSV_COLUMNS", "PLOT_FILES", "ALL"]
+__all__ = ["one_row_per_video", "load_run_summary", "check_run_dirs", "compare_runs", "write_compare", "run_compare_job", "run_gate_ranges",
+           "CSV_COLUMNS", "PLOT_FILES"]
 
-ALL = "all"
 BRIEF_KEYS = ("MR-full-mAP", "MR-full-R1@0.5", "MR-full-R1@0.7", "HL-min-VeryGood-mAP", "HL-min-VeryGood-Hit1")
 _RUN = {"run": "Run index in the order given (0 = the first, the reference for differences).",
         "run_label": "Run label: the folder name (parent/name when names repeat)."}
-_ID = {"layer": "Fusion layer index ('all': the query's mean over its layers).",
-       "gate": "Gate kind: 'mha' (audio branch), 'ffn' (FFN branch) or 'beta' (v2 FiLM shift).",
-       "name": "Dotted gate name 'layers.{layer}.gate_{gate}'."}
+_ID = gate_id_columns("the mean over layers of |the video's layer mean| (opposite signs do not cancel)")
 
 CSV_COLUMNS = {
     COMPARE_RUNS_FILE: {
@@ -67,20 +66,21 @@ CSV_COLUMNS = {
     COMPARE_LAYERS_FILE: {
         **_RUN,
         **_ID,
-        "n_queries": "Queries of the run.",
-        "mean": "Mean over queries of the per-query mean gate.",
-        "std": "Std (ddof=0) over queries of the per-query mean gate (spread across queries).",
-        "p25": "25th percentile of the per-query mean gate.",
-        "median": "Median of the per-query mean gate.",
-        "p75": "75th percentile of the per-query mean gate.",
-        "mean_within_std": "Mean over queries of the within-query std of the gate (spread over clips/dims).",
+        "n_videos": "Videos of the run (each counts once: its queries share their gates).",
+        "mean": "Mean over videos of the per-video mean gate.",
+        "std": "Std (ddof=0) over videos of the per-video mean gate (spread across videos).",
+        "p25": "25th percentile of the per-video mean gate.",
+        "median": "Median of the per-video mean gate.",
+        "p75": "75th percentile of the per-video mean gate.",
+        "mean_within_std": "Mean over videos of the within-video std of the gate (spread over clips/dims).",
     },
     COMPARE_QUERIES_FILE: {
-        "qid": "QVHighlights query id (present in every run).",
+        "qid": "The video's first query id in run 0 (one row per video and run; present in every run).",
+        "vid": "Video id.",
         **_ID,
         **_RUN,
-        "mean": "The query's mean gate in this run ('all': mean of its layer means).",
-        "diff_vs_first": "mean minus the same query's mean in run 0.",
+        "mean": "The video's mean gate in this run ('all': the mean over layers of |layer mean|).",
+        "diff_vs_first": "mean minus the same video's mean in run 0.",
     },
 }
 PLOT_FILES = COMPARE_PLOTS
@@ -116,21 +116,22 @@ def load_run_summary(run_dir, manifest=None):
     csv_path = os.path.join(path, STATS_CSV_FILES["per_query"])
     gating_type = (manifest.get("model") or {}).get("gating_type")
     if os.path.isfile(csv_path):
-        pq = pd.read_csv(csv_path, usecols=["qid", "layer", "gate", "mean", "std"])
+        pq = pd.read_csv(csv_path, usecols=["qid", "vid", "layer", "gate", "mean", "std"], dtype={"vid": str},
+                         keep_default_na=False)
     else:
         try:
             run = load_gate_run(path)
         except (FileNotFoundError, ValueError) as exc:
             raise DataError(f"{path}: not a gate-analysis output folder ({exc})") from None
         from .stats import accumulate_gate_run
-        pq = accumulate_gate_run(run).query_stats()[["qid", "layer", "gate", "mean", "std"]]
+        pq = accumulate_gate_run(run).query_stats()[["qid", "vid", "layer", "gate", "mean", "std"]]
         gating_type = gating_type or run.gating_type
     if len(pq) == 0:
         raise DataError(f"{path}: the run has no gates")
     if gating_type is None:
         meta = _read_json(os.path.join(path, GATES_DIR, GATES_META_FILE)) or {}
         gating_type = meta.get("gating_type", "")
-    pq = pq.astype({"qid": np.int64, "layer": np.int64, "gate": str})
+    pq = pq.astype({"qid": np.int64, "vid": str, "layer": np.int64, "gate": str})
     return {"path": path, "manifest": manifest, "gating_type": gating_type or "", "per_query": pq,
             "gate_ranges": run_gate_ranges(path, manifest)}
 
@@ -160,6 +161,14 @@ def check_run_dirs(run_dirs, output_dir=None):
                             f"{GATES_DIR}/meta.json)")
 
 
+def one_row_per_video(per_query):
+    """The rows of each video's first query in a per-query statistics frame (queries without a video kept):
+    every layout computes the gates from video and audio, so a video's queries repeat its gates."""
+    vid = per_query["vid"].fillna("").astype(str)
+    dup = per_query.assign(vid=vid).duplicated(subset=["vid", "layer", "gate"], keep="first") & (vid != "")
+    return per_query[~dup].reset_index(drop=True)
+
+
 def compare_runs(run_dirs, overrides=None):
     """(runs, layers, queries) DataFrames with the columns of ``CSV_COLUMNS``; needs >= 2 runs.
     ``overrides``: {run folder: manifest} used instead of those folders' run.json."""
@@ -174,39 +183,42 @@ def compare_runs(run_dirs, overrides=None):
     for i, (s, label) in enumerate(zip(summaries, labels)):
         m = s["manifest"]
         brief = m.get("metrics_brief") or {}
-        pq = s["per_query"]
+        pq = one_row_per_video(s["per_query"])
         run_rows.append({"run": i, "run_label": label, "path": s["path"], "layout": (m.get("model") or {}).get("layout", ""),
                          "gating_type": s["gating_type"], "fusion_layers": int(pq["layer"].nunique()),
                          "epoch": ((m.get("checkpoint") or {}).get("load_report") or {}).get("epoch"),
                          "checkpoint": (m.get("checkpoint") or {}).get("path", ""),
                          "checkpoint_sha256": (m.get("checkpoint") or {}).get("sha256", ""),
-                         "data": (m.get("data") or {}).get("path", ""), "n_queries": int(pq["qid"].nunique()),
+                         "data": (m.get("data") or {}).get("path", ""), "n_queries": int(s["per_query"]["qid"].nunique()),
                          **{k: brief.get(k) for k in BRIEF_KEYS}})
         for (layer, kind), sel in pq.groupby(["layer", "gate"], sort=True):
             v = sel["mean"].to_numpy(float)
             layer_rows.append({"run": i, "run_label": label, "layer": int(layer), "gate": kind,
-                               "name": gate_name(layer, kind), "n_queries": len(v), "mean": float(np.mean(v)),
+                               "name": gate_name(layer, kind), "n_videos": len(v), "mean": float(np.mean(v)),
                                "std": float(np.std(v)), "p25": float(np.percentile(v, 25)),
                                "median": float(np.median(v)), "p75": float(np.percentile(v, 75)),
                                "mean_within_std": float(sel["std"].mean())})
-        q = pq[["qid", "layer", "gate", "mean"]].copy()
-        allq = q.groupby(["qid", "gate"], sort=False)["mean"].mean().reset_index()
-        allq["layer"] = ALL
+        q = pq[["qid", "vid", "layer", "gate", "mean"]].copy()
+        allq = q.assign(mean=q["mean"].abs()).groupby(["qid", "vid", "gate"], sort=False)["mean"].mean().reset_index()
+        allq["layer"] = ALL_LAYERS
         q["layer"] = q["layer"].astype(object)
         q = pd.concat([q, allq[q.columns]], ignore_index=True)
         q["run"], q["run_label"] = i, label
         per_query.append(q)
-    common = set.intersection(*[set(s["per_query"]["qid"]) for s in summaries])
     queries = pd.concat(per_query, ignore_index=True)
-    queries = queries[queries["qid"].isin(common)]
+    queries["_v"] = [v if v else f"qid {q}" for q, v in zip(queries["qid"], queries["vid"])]  # the video's key
+    common = set.intersection(*[set(queries.loc[queries["run"] == i, "_v"]) for i in range(len(summaries))])
+    queries = queries[queries["_v"].isin(common)].copy()
     queries["layer_s"] = queries["layer"].astype(str)
-    first = queries[queries["run"] == 0].set_index(["qid", "layer_s", "gate"])["mean"]
-    ref = first.reindex(pd.MultiIndex.from_frame(queries[["qid", "layer_s", "gate"]])).to_numpy(float)
+    run0 = queries[queries["run"] == 0]
+    first = run0.set_index(["_v", "layer_s", "gate"])["mean"]
+    ref = first.reindex(pd.MultiIndex.from_frame(queries[["_v", "layer_s", "gate"]])).to_numpy(float)
     queries["diff_vs_first"] = queries["mean"].to_numpy(float) - ref
+    queries["qid"] = queries["_v"].map(dict(zip(run0["_v"], run0["qid"])))  # run 0's query names the video
     queries["name"] = [gate_name(l, k) for l, k in zip(queries["layer"], queries["gate"])]
-    order0 = {q: k for k, q in enumerate(dict.fromkeys(summaries[0]["per_query"]["qid"]))}
-    queries["_q"] = queries["qid"].map(order0)
-    queries["_l"] = [99999 if l == ALL else int(l) for l in queries["layer"]]
+    order0 = {v: k for k, v in enumerate(dict.fromkeys(run0["_v"]))}
+    queries["_q"] = queries["_v"].map(order0)
+    queries["_l"] = [99999 if l == ALL_LAYERS else int(l) for l in queries["layer"]]
     queries["_g"] = [GATE_KINDS.index(g) if g in GATE_KINDS else 9 for g in queries["gate"]]
     queries = queries.sort_values(["_q", "_l", "_g", "run"], kind="stable")
     queries = queries[list(CSV_COLUMNS[COMPARE_QUERIES_FILE])].reset_index(drop=True)
@@ -247,13 +259,7 @@ def run_compare_job(run_dirs, output_dir, plots=True, log=print):
     return manifest
 
 
-# re-export (H-F): the figures moved to gate_analysis.plots_compare, loaded with matplotlib on first use
+# the figures live in gate_analysis.plots_compare (matplotlib, imported on first use)
 _PLOT_NAMES = ("plot_compare",)
 __all__ += _PLOT_NAMES
-
-
-def __getattr__(name):
-    if name in _PLOT_NAMES:
-        from . import plots_compare
-        return getattr(plots_compare, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, "gate_analysis.plots_compare", _PLOT_NAMES)

@@ -16,7 +16,8 @@ import time
 import torch
 
 from qd_detr.config import fusion_layout
-from qd_detr.keys import LAYOUT_DESCRIPTIONS, IncompatibleModelError
+from qd_detr.errors import IncompatibleModelError
+from qd_detr.keys import LAYOUT_DESCRIPTIONS
 from qd_detr.model import BATCHING_MODES
 
 __all__ = ["TOLERANCE", "PROBE_LENGTHS", "PROBE_TEXT_LENGTHS", "PROBE_SEED", "PROBE_IDS", "EquivalenceError",

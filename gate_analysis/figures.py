@@ -7,27 +7,40 @@ Colour convention (``Scale``, ``panel_scale``, ``cmap_norm``): ``gate_ranges`` m
 (tanh, scaled tanh, FiLM) use ``RdBu_r`` centred on their reference value (red = audio added, blue =
 audio subtracted); sigmoid gates a white-to-red scale from 0 to their scale; an explicit
 ``value_range`` (``(lo, hi)`` or ``{kind: (lo, hi)}``) replaces the declared limits (diverging around 0
-when it lies inside, viridis otherwise). NaN (padding) is drawn grey (``PAD_COLOR``).
+when it lies inside, viridis otherwise). NaN (padding) is drawn grey (``PAD_COLOR``). Effects and
+differences (an intervention's change of a metric, a correlation) never use the gate colours: they use
+``EFFECT_CMAP`` (``PuOr``; purple = better / higher, orange = worse / lower, ``effect_colors``), so red
+and blue always mean a gate value.
+
+Text check (``check_figure_text``): with the environment variable ``AVIGATE_CHECK_FIGURE_TEXT`` set
+(``1``: raise ``FigureTextError``; ``warn``: a warning), ``save_png`` draws every figure before writing it
+and checks that each drawn text (titles, axis and tick labels, legend and colour-bar texts, annotations)
+lies inside the written image and inside the axes that clip it (1.5 px tolerance); the texts it saw are
+kept in ``CHECKED_TEXTS`` ({path: [(role, text)]}, for tests of titles).
 """
 import math
 import os
+import warnings
+from collections import namedtuple
 
 import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+matplotlib.use("Agg")  # before pyplot is imported (here or anywhere)
 import numpy as np  # noqa: E402
 from matplotlib import colors as mcolors  # noqa: E402
+from matplotlib.transforms import Bbox  # noqa: E402
 
 from qd_detr.gates import GATE_KINDS, GateRange  # noqa: E402
 
 from . import ranges as R  # noqa: E402
 
-__all__ = ["plt", "DPI", "LAYOUT", "PAD_COLOR", "KIND_COLOR", "KIND_LABEL", "save_png", "subsample_indices",
+__all__ = ["plt", "DPI", "LAYOUT", "PAD_COLOR", "KIND_COLOR", "KIND_LABEL", "EFFECT_CMAP", "effect_colors",
+           "save_png", "subsample_indices", "CHECK_TEXT_ENV", "CHECKED_TEXTS", "FigureText", "FigureTextError",
+           "figure_texts", "clipped_texts", "check_figure_text", "text_width", "wrap_text", "legend_columns",
            "Scale", "panel_scale", "union_scale", "same_scale", "range_limits", "ranges_by_gate", "all_tanh",
            "cmap_norm", "value_label", "colorbar", "value_lim", "zero_line", "near_zero_band", "kind_label",
            "kind_short_label", "kind_order", "kinds_in", "layers_in", "shorten", "heatmap_height",
-           "MappingSource", "gate_source", "per_clip_values", "query_label"]
+           "MappingSource", "gate_source", "query_label"]
 
 KIND_LABEL = {"mha": "MHA gate (audio cross-attention branch)", "ffn": "FFN gate (FFN branch)",
               "beta": "FiLM shift gate_beta (added to the FFN output)"}
@@ -35,7 +48,23 @@ KIND_COLOR = {"mha": "tab:purple", "ffn": "tab:green", "beta": "tab:orange"}
 PAD_COLOR = "#b3b3b3"  # NaN / padding: neutral grey, distinct from the near-white of g ~ 0
 DPI = 100
 LAYOUT = "constrained"
+#: Diverging colormap of effects and differences (purple = better / higher, orange = worse / lower); never
+#: the gate colormap (``RdBu_r``: red = audio added, blue = audio subtracted).
+EFFECT_CMAP = "PuOr"
 _TMP_PREFIX = ".tmp-"
+
+
+class _Pyplot:
+    """``matplotlib.pyplot``, imported when a figure is first made (its import is most of matplotlib's, and a
+    process that only hands figures to others never needs it)."""
+
+    def __getattr__(self, name):
+        import matplotlib.pyplot as pyplot
+        return getattr(pyplot, name)
+
+
+#: ``matplotlib.pyplot`` (Agg backend), imported on first use.
+plt = _Pyplot()
 
 
 # -- labels ---------------------------------------------------------------------------------------
@@ -186,11 +215,14 @@ def value_label(value_range, what="gate value", kind=None):
     return f"{what} (range [{sc.lo:g}, {sc.hi:g}])"
 
 
-def colorbar(fig, mappable, ax, value_range, what="gate value", kind=None):
-    """A colour bar beside ``ax`` labelled by ``value_label``; returns it."""
+def colorbar(fig, mappable, ax, value_range, what="gate value", kind=None, label=None):
+    """A colour bar beside ``ax`` labelled by ``value_label`` (or ``label``), its lines wrapped to fit the
+    bar's length (about the figure height less titles and axis labels); returns it."""
     cb = fig.colorbar(mappable, ax=ax, fraction=0.04, pad=0.02)
-    label = value_label(value_range, what, kind)
-    cb.set_label(label, fontsize=8 if label.count("\n") > 1 else 9)
+    label = value_label(value_range, what, kind) if label is None else label
+    size = 8 if label.count("\n") > 1 else 9
+    room = max(fig.get_figheight() * fig.dpi - 110, 120)
+    cb.set_label(wrap_text(fig, label, size, room), fontsize=size)
     return cb
 
 
@@ -222,28 +254,260 @@ def near_zero_band(sc, near_zero):
     return (lo, hi) if lo < hi else None
 
 
+# -- text sizes -----------------------------------------------------------------------------------
+def text_width(fig, text, fontsize):
+    """Width in display pixels of one line ``text`` at ``fontsize`` points, as ``fig`` renders it."""
+    from matplotlib.font_manager import FontProperties
+    renderer = fig.canvas.get_renderer()
+    w, _, _ = renderer.get_text_width_height_descent(text, FontProperties(size=fontsize), ismath=False)
+    return w
+
+
+def _greedy_lines(fig, words, fontsize, limit):
+    lines, cur = [], ""
+    for w in words:
+        trial = f"{cur} {w}" if cur else w
+        if cur and text_width(fig, trial, fontsize) > limit:
+            lines.append(cur)
+            cur = w
+        else:
+            cur = trial
+    return lines + [cur]
+
+
+def wrap_text(fig, text, fontsize, max_px):
+    """``text`` with every line wider than ``max_px`` pixels (at ``fontsize``) broken between words into
+    the fewest lines of about equal width."""
+    out = []
+    for line in text.split("\n"):
+        width = text_width(fig, line, fontsize)
+        words = line.split(" ")
+        if width <= max_px or len(words) < 2:
+            out.append(line)
+            continue
+        best = _greedy_lines(fig, words, fontsize, max_px)
+        for n in range(2, len(best)):
+            trial = _greedy_lines(fig, words, fontsize, min(max_px, 1.1 * width / n))
+            if len(trial) <= n:
+                best = trial
+                break
+        else:
+            balanced = _greedy_lines(fig, words, fontsize, min(max_px, 1.1 * width / len(best)))
+            best = balanced if len(balanced) <= len(best) else best
+        out += best
+    return "\n".join(out)
+
+
+def legend_columns(fig, labels, fontsize, max_cols=None, width_px=None):
+    """The most legend columns (at most ``max_cols``) whose entries fit in ``width_px`` (default: the
+    figure's width less margins) at ``fontsize``; at least 1."""
+    labels = [str(lbl) for lbl in labels]
+    if not labels:
+        return 1
+    em = fontsize * fig.dpi / 72
+    width_px = (fig.get_figwidth() * fig.dpi - 2 * em) if width_px is None else width_px
+    widths = [text_width(fig, lbl, fontsize) + 4.8 * em for lbl in labels]  # handle, pad, column spacing
+    for ncol in range(min(max_cols or len(labels), len(labels)), 1, -1):
+        rows, large = divmod(len(labels), ncol)  # matplotlib fills columns first, the first ``large`` longer
+        sizes = [rows + 1] * large + [rows] * (ncol - large)
+        starts = np.cumsum([0] + sizes)
+        if sum(max(widths[a:b]) for a, b in zip(starts[:-1], starts[1:]) if b > a) <= width_px:
+            return ncol
+    return 1
+
+
 def all_tanh(gate_ranges):
     """True when every declared range is plain tanh [-1, 1] (also when none is declared)."""
     return all(r == R.TANH for r in ranges_by_gate(gate_ranges).values())
 
 
+def effect_colors(values):
+    """Bar colours of effects: ``EFFECT_CMAP``'s purple for values > 0 (better / higher), its orange for
+    values < 0 (worse / lower), grey for 0 and NaN."""
+    cmap = plt.get_cmap(EFFECT_CMAP)
+    better, worse = cmap(0.85), cmap(0.15)
+    return [better if v > 0 else (worse if v < 0 else "0.6") for v in np.asarray(values, dtype=float)]
+
+
+# -- text check ------------------------------------------------------------------------------------
+#: Environment variable that turns the text check of ``save_png`` on (``1``: raise, ``warn``: warn).
+CHECK_TEXT_ENV = "AVIGATE_CHECK_FIGURE_TEXT"
+#: Texts seen by the check while it is on: {path: [(role, text), ...]} in drawing order.
+CHECKED_TEXTS = {}
+_TEXT_TOL_PX = 1.5
+
+#: A drawn text of a figure: ``role`` (suptitle, title, axis label, tick label, legend, annotation, figure
+#: text), ``text``, ``bbox`` (display pixels) and ``clip`` (the display box it is clipped to, or None).
+FigureText = namedtuple("FigureText", ["role", "text", "bbox", "clip"])
+
+
+class FigureTextError(RuntimeError):
+    """A figure has text outside the written image or cut by the axes that clips it."""
+
+
+def _clip_box(t):
+    """Display box that clips text ``t`` when it is drawn (clip box and clip path intersected), or None."""
+    if not t.get_clip_on():
+        return None
+    boxes = []
+    if t.get_clip_box() is not None:
+        boxes.append(t.get_clip_box())
+    path = t.get_clip_path()
+    if path is not None:
+        boxes.append(path.get_fully_transformed_path().get_extents())
+    box = None
+    for b in boxes:
+        box = b if box is None else Bbox.intersection(box, b)
+        if box is None:
+            return Bbox.null()
+    return box
+
+
+def _walk_texts(artist, role, out, seen):
+    """Append (role, Text) for every drawn, non-empty text under ``artist`` (a hidden artist hides its
+    children; ticks outside the axis' view interval are not drawn)."""
+    from matplotlib.axes import Axes
+    from matplotlib.axis import Axis, Tick
+    from matplotlib.figure import Figure
+    from matplotlib.legend import Legend
+    from matplotlib.text import Text
+    if id(artist) in seen or not artist.get_visible():
+        return
+    seen.add(id(artist))
+    if isinstance(artist, Text):
+        if artist.get_text().strip():
+            out.append((role or "text", artist))
+        return
+    children = artist.get_children()
+    if isinstance(artist, Axis):
+        lo, hi = sorted(artist.get_view_interval())
+        eps = 1e-9 * max(1.0, abs(hi - lo))
+        children = [c for c in children if not isinstance(c, Tick) or lo - eps <= c.get_loc() <= hi + eps]
+    for c in children:
+        sub = role
+        if isinstance(artist, Axis):
+            sub = "axis label" if c is artist.label else "tick label"
+        elif isinstance(c, Legend):
+            sub = "legend"
+        elif isinstance(artist, Axes) and isinstance(c, Text):
+            titles = {artist.get_title(loc) for loc in ("left", "center", "right")}
+            sub = "annotation" if c in artist.texts or c.get_text() not in titles else "title"
+        elif isinstance(artist, Figure) and isinstance(c, Text):
+            sub = "suptitle" if c.get_text() == artist.get_suptitle() else "figure text"
+        _walk_texts(c, sub, out, seen)
+
+
+def figure_texts(fig, renderer=None):
+    """Every text a draw of ``fig`` shows, as ``FigureText`` (extents at the figure's dpi); the figure must
+    have been drawn (``fig.draw_without_rendering()``) so that tick labels are in place."""
+    renderer = renderer or fig.canvas.get_renderer()
+    found = []
+    _walk_texts(fig, None, found, set())
+    texts = []
+    for role, t in found:
+        bb = t.get_window_extent(renderer)
+        if not np.all(np.isfinite(bb.get_points())):
+            continue  # not drawn (NaN position)
+        texts.append(FigureText(role, t.get_text(), bb, _clip_box(t)))
+    return texts
+
+
+def clipped_texts(texts, bounds, tol=_TEXT_TOL_PX):
+    """Descriptions of the ``texts`` (``FigureText``) that stick out of ``bounds`` (the written image, a
+    display Bbox) or out of the box that clips them, by more than ``tol`` pixels."""
+    def outside(bb, box):
+        over = {"left": box.x0 - bb.x0, "right": bb.x1 - box.x1, "bottom": box.y0 - bb.y0, "top": bb.y1 - box.y1}
+        return {side: px for side, px in over.items() if px > tol}
+
+    problems = []
+    for ft in texts:
+        label = f"{ft.role} {shorten(ft.text.replace(chr(10), ' / '), 60)!r}"
+        out = outside(ft.bbox, bounds)
+        if out:
+            problems.append(f"{label} extends beyond the image ({', '.join(f'{s} by {px:.0f} px' for s, px in out.items())})")
+        elif ft.clip is not None and ft.bbox.width > 0:
+            cut = outside(ft.bbox, ft.clip)
+            if cut:
+                problems.append(f"{label} is cut by its axes ({', '.join(f'{s} by {px:.0f} px' for s, px in cut.items())})")
+    return problems
+
+
+def check_figure_text(fig, path=None, drawn=False, bbox_inches=None, pad_inches=None):
+    """Check that every drawn text of ``fig`` lies in the image ``savefig`` would write (the figure, or its
+    tight bounding box with ``bbox_inches="tight"``) and inside the axes that clip it; raises
+    ``FigureTextError`` naming ``path`` and each offending text. ``drawn``: the figure was just drawn at
+    its final layout (else it is drawn here). Returns the ``FigureText`` list."""
+    if not drawn:
+        fig.draw_without_rendering()
+    renderer = fig.canvas.get_renderer()
+    texts = figure_texts(fig, renderer)
+    bounds = fig.bbox
+    if bbox_inches == "tight":
+        pad = matplotlib.rcParams["savefig.pad_inches"] if pad_inches is None else pad_inches
+        bounds = fig.get_tightbbox(renderer).padded(pad).transformed(fig.dpi_scale_trans)
+    problems = clipped_texts(texts, bounds)
+    if problems:
+        name = os.path.basename(os.fspath(path)) if path is not None else "figure"
+        more = f"; and {len(problems) - 6} more" if len(problems) > 6 else ""
+        raise FigureTextError(f"{name}: clipped text: " + "; ".join(problems[:6]) + more)
+    return texts
+
+
 # -- writing -------------------------------------------------------------------------------------
-def save_png(fig, path, dpi=DPI, **savefig_kwargs):
-    """Write ``fig`` to ``path`` as PNG via a temp file + os.replace; always close the figure."""
+def _run_layout(fig):
+    """What ``Figure.draw`` does before drawing: every axes' aspect and locator applied, then the layout
+    engine run (the positions the real draw uses), without drawing any artist."""
+    if not fig.axes:
+        return
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        for a in [ax] + [c for c in ax.get_children() if hasattr(c, "apply_aspect")]:
+            locator = a.get_axes_locator()
+            a.apply_aspect(locator(a, renderer) if locator else None)
+    try:
+        fig.get_layout_engine().execute(fig)
+    except ValueError:  # as Figure.draw: the layout does not fit (the figure keeps its positions)
+        pass
+
+
+def save_png(fig, path, dpi=DPI, close=True, **savefig_kwargs):
+    """Write ``fig`` to ``path`` as PNG via a temp file + os.replace, then close the figure (``close=False``:
+    keep it, e.g. to draw the next PNG into the same figure; a layout engine has then been replaced by the
+    positions it computed). With
+    ``CHECK_TEXT_ENV`` set, the text check runs first (``check_figure_text``; ``warn``: a warning instead
+    of ``FigureTextError``) and the texts are recorded in ``CHECKED_TEXTS[path]``."""
     path = os.fspath(path)
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     tmp = os.path.join(d, f"{_TMP_PREFIX}{os.getpid()}-{os.path.basename(path)}")
+    check = os.environ.get(CHECK_TEXT_ENV, "").strip().lower()
     try:
+        drawn = False
+        checking = check not in ("", "0", "no", "false")
         if fig.get_layout_engine() is not None and "bbox_inches" not in savefig_kwargs:
-            # savefig would run the layout engine twice (a layout draw, then the real draw): run it once
-            # and freeze the positions (pixel-identical PNGs, ~20% faster)
-            fig.draw_without_rendering()
+            # savefig would draw twice (a draw without rendering for the layout, then the real draw), each
+            # running the layout engine: run the layout once and freeze the positions, so the figure is
+            # drawn once (pixel-identical PNGs)
+            if checking:
+                fig.draw_without_rendering()  # the text check needs drawn texts
+                drawn = True
+            else:
+                _run_layout(fig)
             fig.set_layout_engine(None)
+        if checking:
+            try:
+                texts = check_figure_text(fig, path, drawn, savefig_kwargs.get("bbox_inches"),
+                                          savefig_kwargs.get("pad_inches"))
+                CHECKED_TEXTS[path] = [(t.role, t.text) for t in texts]
+            except FigureTextError as exc:
+                if check != "warn":
+                    raise
+                warnings.warn(str(exc), stacklevel=2)
         fig.savefig(tmp, format="png", dpi=dpi, pil_kwargs={"compress_level": 1}, **savefig_kwargs)  # fast encode
         os.replace(tmp, path)
     finally:
-        plt.close(fig)
+        if close:
+            plt.close(fig)
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
@@ -308,12 +572,6 @@ def gate_source(obj):
     if isinstance(obj, dict):
         return MappingSource(obj)
     raise TypeError(f"expected a GateRun or a mapping {{qid: {{(layer, kind): array}}}}, got {type(obj).__name__}")
-
-
-def per_clip_values(arr):
-    """(T,) float64 per-clip values of a gate: clipwise (T,) as is, elementwise (T, D) averaged over D."""
-    a = np.asarray(arr, dtype=np.float64)
-    return a.mean(axis=1) if a.ndim == 2 else a.reshape(-1)
 
 
 def query_label(src, qid, n=18):

@@ -10,7 +10,7 @@ from qd_detr.config import PER_CLIP_GATING_TYPES, PER_QUERY_GATING_TYPES, STORED
 from qd_detr.gates import GATE_SHAPES, gate_name
 
 __all__ = ["PER_QUERY_GATING_TYPES", "PER_CLIP_GATING_TYPES", "GATING_TYPES", "SHAPE_CONVENTION", "as_qid",
-           "check_gating_type", "validate_gates"]
+           "check_gating_type", "validate_gates", "per_clip_values"]
 
 #: Every gating type a gate store may hold (qd_detr.config.STORED_GATING_TYPES: the built ones and "legacy").
 GATING_TYPES = STORED_GATING_TYPES
@@ -72,3 +72,10 @@ def validate_gates(gates, gating_type, layers, kinds, hidden_dim, where):
                                  f"{n_clips}; every layer and kind must cover the same valid clips")
         out[key] = np.ascontiguousarray(arr)
     return out, n_clips, hidden_dim
+
+
+def per_clip_values(arr):
+    """(T,) float64 per-clip values of a gate: clipwise (T,) as is, elementwise (T, D) averaged over D
+    (float64 sums)."""
+    a = np.asarray(arr)
+    return a.mean(axis=1, dtype=np.float64) if a.ndim == 2 else a.astype(np.float64).reshape(-1)

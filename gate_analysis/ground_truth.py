@@ -24,23 +24,22 @@ import os
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from qd_detr.gates import DEFAULT_KINDS, gate_name
 from qd_detr.io import write_csv
 
-from .gate_arrays import PER_CLIP_GATING_TYPES
+from .gate_arrays import PER_CLIP_GATING_TYPES, per_clip_values
+from .lazy import lazy_attributes
 from .outputs import GROUND_TRUTH_FILE, GROUND_TRUTH_OVERALL_FILE, GROUND_TRUTH_PLOTS
 from .rank_stats import auroc, spearman, spearman_rows, wilcoxon
+from .stats_csv import gate_id_columns
 
 __all__ = ["clip_labels", "query_ground_truth", "ground_truth_tables", "accumulate_ground_truth",
-           "per_clip_values", "write_ground_truth", "GroundTruthAccumulator", "CSV_COLUMNS", "PLOT_FILES", "MEASURES",
+           "write_ground_truth", "GroundTruthAccumulator", "CSV_COLUMNS", "PLOT_FILES", "MEASURES",
            "GLOBAL_NOTE"]
 
 MEASURES = ("gate", "contribution")
-_ID = {"layer": "Fusion layer index (0-based).",
-       "gate": "Gate kind: 'mha' (audio branch), 'ffn' (FFN branch) or 'beta' (v2 FiLM shift).",
-       "name": "Dotted gate name 'layers.{layer}.gate_{gate}'.",
+_ID = {**gate_id_columns(),
        "measure": "'gate': the gate value per clip (elementwise: mean over dims); 'contribution': the "
                   "effective contribution ||g * branch|| / ||residual|| per clip (runs with --contributions)."}
 
@@ -112,6 +111,7 @@ def _query_rows(vals, inside, saliency):
     if n_in < t:
         out[:, 4] = vals[:, ~inside].mean(axis=1)
     out[:, 5] = out[:, 3] - out[:, 4]
+    from scipy import stats  # imported on first use (about 1 s): unlabelled runs never need it
     ranks = stats.rankdata(vals, axis=1) if t else None  # average ranks of ties, as ``midranks``
     if 0 < n_in < t:
         u = ranks[:, inside].sum(axis=1) - n_in * (n_in + 1) / 2.0
@@ -126,12 +126,6 @@ def query_ground_truth(values, inside, saliency):
     out = dict(zip(_ROW_STATS, row.tolist()))
     out["n_clips"], out["n_inside"] = int(out["n_clips"]), int(out["n_inside"])
     return out
-
-
-def per_clip_values(arr):
-    """Per-clip float64 values: elementwise (T, D) gates averaged over D (float64 sums), else as they are."""
-    a = np.asarray(arr)
-    return a.mean(axis=1, dtype=np.float64) if a.ndim == 2 else a.astype(np.float64).reshape(-1)
 
 
 def _contribution_arrays(contrib):
@@ -330,13 +324,7 @@ def write_ground_truth(records, output_dir, gate_run=None, contributions=None):
     return accumulate_ground_truth(records, gate_run, contributions).write(output_dir)
 
 
-# re-export (H-F): the figures moved to gate_analysis.plots_ground_truth, loaded with matplotlib on first use
+# the figures live in gate_analysis.plots_ground_truth (matplotlib, imported on first use)
 _PLOT_NAMES = ("plot_ground_truth", "plot_examples")
 __all__ += _PLOT_NAMES
-
-
-def __getattr__(name):
-    if name in _PLOT_NAMES:
-        from . import plots_ground_truth
-        return getattr(plots_ground_truth, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, "gate_analysis.plots_ground_truth", _PLOT_NAMES)

@@ -1,10 +1,12 @@
 """The interactive guide behind ``legacy_model_guide.py``: from a trained checkpoint to its gate analysis.
 
-Asks for the checkpoint, the data and feature folders (the checkpoint's saved ones are offered as
-defaults), the gating type only when the checkpoint does not state it, and what to analyse; checks
-each answer at once (``Asker``). Then runs the compatibility check (``gate_analysis.compat``) and the
-analysis (``run_gate_analysis.py --legacy_model``, in this process) and prints the equivalent
-non-interactive command.
+Asks for the checkpoint (a folder is answered with the checkpoint files in it), the data and feature
+folders (defaults: the checkpoint's saved ones as found from here; a saved one that is not found is
+said, with the paths tried), the gating type only when the checkpoint does not state it, and what to
+analyse, including the causal analyses (``--ablate``: one extra inference pass per intervention;
+``--contributions``); checks each answer at once (``Asker``). Then runs the compatibility check
+(``gate_analysis.compat``) and the analysis (``run_gate_analysis.py --legacy_model``, in this process)
+and prints the equivalent non-interactive command.
 """
 import datetime
 import os
@@ -15,14 +17,27 @@ import traceback
 
 from qd_detr.annotations import read_jsonl
 from qd_detr.checkpoint import inspect_checkpoint
+from qd_detr.cli import architecture_options
 from qd_detr.dataset import build_dataset
-from qd_detr.errors import CheckpointError, ConfigError, DataError, ToolkitError
-from qd_detr.keys import GATING_AMBIGUITY, LAYOUT_DESCRIPTIONS, IncompatibleModelError
+from qd_detr.errors import CheckpointError, ConfigError, DataError, IncompatibleModelError, ToolkitError
+from qd_detr.gates import DEFAULT_KINDS, GATE_KINDS
+from qd_detr.keys import GATING_AMBIGUITY, LAYOUT_DESCRIPTIONS
 
-from .compat import check_compatibility, format_report
+from .compat import check_compatibility, display_command, format_report, locate_saved_path
+from .interventions import AUDIO_INTERVENTIONS, GATE_VALUES, parse_interventions
 from .legacy import no_fusion_error
 
-__all__ = ["run_guide", "Asker", "saved_path"]
+__all__ = ["run_guide", "Asker", "saved_path", "checkpoints_in", "CHECKPOINT_SUFFIXES", "ABLATE_HELP"]
+
+CHECKPOINT_SUFFIXES = (".ckpt", ".pth")
+#: what the guide says about --ablate and --contributions before asking
+ABLATE_HELP = (
+    "  Causal analyses (optional). --ablate re-runs inference with the gates clamped (zero = branch off, one, "
+    "minus_one, mean = the dataset mean) or the audio removed (audio_zero: audio features 0; audio_swap: another "
+    "video's audio) and compares each re-run's predictions and metrics with the normal run (ablation.csv).",
+    "  Cost: one extra inference pass over the analysed queries per intervention (each clamp value once per "
+    "--ablate_layers x --ablate_gates item, each audio intervention once). zero alone switches audio off.",
+)
 
 
 class Asker:
@@ -37,10 +52,11 @@ class Asker:
         self.steps += 1
         self.write(f"Step {self.steps}: {title}")
 
-    def ask(self, question, parse, default=None, given=None, flag=None, hint=None, show_default=True):
+    def ask(self, question, parse, default=None, given=None, flag=None, hint=None, show_default=True, notes=()):
         """``parse(answer)`` of the flag's value (``given``), else of the answer (``default`` when empty).
 
-        Not interactive: a missing or bad answer is a ConfigError naming ``flag``. ``hint`` opens a step.
+        Not interactive: a missing or bad answer is a ConfigError naming ``flag``. ``hint`` opens a step;
+        ``notes``: lines shown before the question is asked (not interactive: before a missing answer's error).
         """
         if given is not None:
             try:
@@ -53,6 +69,8 @@ class Asker:
                 self.write(f"  {flag} {given!r} cannot be used: {exc}")
         if not self.interactive:
             if default is None:
+                for line in notes:
+                    self.write(line)
                 raise ConfigError(f"{flag} is required with --non-interactive")
             try:
                 return parse(default)
@@ -60,6 +78,8 @@ class Asker:
                 raise ConfigError(f"{flag} (default {default!r}): {exc}") from None
         if hint:
             self.step(hint)
+        for line in notes:
+            self.write(line)
         while True:
             shown = f" [{default}]" if show_default and default not in (None, "") else ""
             text = self.read(f"{question}{shown}: ").strip()
@@ -95,15 +115,31 @@ class Asker:
 
 def saved_path(path, ckpt_path):
     """A path saved in the checkpoint's options (relative to the training repo's root), found from the
-    current folder, the checkpoint's folder or one of its two parents (results/<run>/ -> the repo root)."""
-    if not path:
+    current folder, the checkpoint's folder or one of its two parents (results/<run>/ -> the repo root);
+    None when not found (``gate_analysis.compat.locate_saved_path`` also gives the paths tried)."""
+    return locate_saved_path(path, ckpt_path)[0]
+
+
+def _not_found_note(what, saved, ckpt_path):
+    """A line saying which saved paths were not found and where they were looked for (None: all found)."""
+    missing = []
+    for p in ([saved] if isinstance(saved, str) else list(saved or [])):
+        hit, tried = locate_saved_path(p, ckpt_path, folder=what != "eval_path")
+        if hit is None:
+            missing.append(f"{p} (tried {', '.join(tried)})")
+    if not missing:
         return None
-    ckpt_dir = os.path.dirname(os.path.abspath(ckpt_path))
-    for base in ("", ckpt_dir, os.path.dirname(ckpt_dir), os.path.dirname(os.path.dirname(ckpt_dir))):
-        cand = os.path.normpath(os.path.join(base, path)) if base else path
-        if os.path.exists(cand):
-            return cand
-    return None
+    return f"  the checkpoint's {what} not found from here: " + "; ".join(missing) + "; give the path"
+
+
+def checkpoints_in(folder):
+    """The checkpoint files (``CHECKPOINT_SUFFIXES``) directly in ``folder``: model_best.ckpt, model.ckpt and
+    model_latest.ckpt first, then the others by name."""
+    first = ("model_best.ckpt", "model.ckpt", "model_latest.ckpt")
+    names = [n for n in os.listdir(folder) if n.endswith(CHECKPOINT_SUFFIXES)
+             and os.path.isfile(os.path.join(folder, n))]
+    names.sort(key=lambda n: (first.index(n) if n in first else len(first), n))
+    return [os.path.join(folder, n) for n in names]
 
 
 def _existing_dir(text, must_hold=None, what="folder"):
@@ -115,9 +151,47 @@ def _existing_dir(text, must_hold=None, what="folder"):
     return path
 
 
+def _checkpoint_in_folder(asker, folder):
+    """The checkpoint the user picks from a folder they gave (offered when there is one; a ValueError asks again)."""
+    try:
+        found = checkpoints_in(folder)
+    except OSError as exc:
+        found, problem = [], f"{folder}: cannot list the folder ({exc.strerror or exc})"
+    else:
+        problem = None
+    if problem or not found:
+        text = problem or (f"{folder}: is a folder with no checkpoint file "
+                           f"({', '.join('*' + s for s in CHECKPOINT_SUFFIXES)}) in it")
+        if not asker.interactive:
+            raise ConfigError(text)
+        raise ValueError(text)
+    if not asker.interactive:
+        others = f" (also in it: {', '.join(os.path.basename(f) for f in found[1:])})" if found[1:] else ""
+        raise ConfigError(f"{folder}: is a folder, not a checkpoint file; the checkpoint in it: --model_path "
+                          f"{shlex.quote(found[0])}{others}")
+    if len(found) == 1:
+        if asker.yes_no(f"  {folder} is a folder; use the checkpoint in it, {found[0]}?", default=True):
+            return found[0]
+        raise ValueError("give the checkpoint file")
+    asker.write(f"  {folder} is a folder with {len(found)} checkpoints:")
+    for i, f in enumerate(found, 1):
+        asker.write(f"    {i}. {os.path.basename(f)}")
+
+    def pick(text):
+        if text.isdigit() and 1 <= int(text) <= len(found):
+            return found[int(text) - 1]
+        for f in found:
+            if text in (f, os.path.basename(f)):
+                return f
+        raise ValueError(f"answer a number from 1 to {len(found)} or one of the names")
+    return asker.ask("  Which one (number or name)", pick, default="1")
+
+
 def _ask_checkpoint(asker, args, state):
     def parse(text):
         path = os.path.expanduser(text)
+        if os.path.isdir(path):
+            return parse(_checkpoint_in_folder(asker, path))
         try:
             contents = inspect_checkpoint(path, trust_pickle=state["trust"])
         except CheckpointError as exc:
@@ -147,32 +221,45 @@ def _parse_records(text):
     return path, records
 
 
+def _saved_default(opt, name, ckpt_path, folder=True):
+    """(default answer or None, notes): a saved option's path(s) as found from here, or a note saying which
+    were not found and where they were looked for."""
+    saved = getattr(opt, name, None) if opt is not None else None
+    if not saved:
+        return None, ()
+    paths = [saved] if isinstance(saved, str) else list(saved)
+    found = [locate_saved_path(p, ckpt_path, folder=folder)[0] for p in paths]
+    if all(found):
+        return (found[0] if isinstance(saved, str) else shlex.join(found)), ()
+    return None, (_not_found_note(name, saved, ckpt_path),)
+
+
 def _ask_data(asker, args, contents):
     opt = contents.opt
-    saved = saved_path(getattr(opt, "eval_path", None), contents.path) if opt is not None else None
-    data_path, records = asker.ask("Annotation file (JSONL)", _parse_records, default=saved, given=args.data_path,
-                                   flag="--data_path", hint="the queries to analyse (QVHighlights-style JSONL)")
+    default, notes = _saved_default(opt, "eval_path", contents.path, folder=False)
+    data_path, records = asker.ask("Annotation file (JSONL)", _parse_records, default=default, given=args.data_path,
+                                   flag="--data_path", hint="the queries to analyse (QVHighlights-style JSONL)",
+                                   notes=notes)
     asker.write(f"  {len(records)} queries")
     first = records[0]
     audio = contents.keys.layout in ("custom", "avigate")
-    hint = "feature folders (defaults: the ones saved in the checkpoint)"
+    hint = "feature folders (defaults: the ones saved in the checkpoint, as found from here)"
     while True:
-        sv = [saved_path(d, contents.path) for d in (getattr(opt, "v_feat_dirs", None) or [])] if opt else []
-        v_default = shlex.join(sv) if sv and all(sv) else None
+        v_default, v_notes = _saved_default(opt, "v_feat_dirs", contents.path)
         v_dirs = asker.ask("Video feature folders (space-separated, training order)", _video_dirs_parser(first),
                            default=v_default, given=shlex.join(args.v_feat_dirs) if args.v_feat_dirs else None,
-                           flag="--v_feat_dirs", hint=hint)
+                           flag="--v_feat_dirs", hint=hint, notes=v_notes)
         hint = None
+        t_default, t_notes = _saved_default(opt, "t_feat_dir", contents.path)
         t_dir = asker.ask("Text feature folder",
                           lambda t: _existing_dir(t, f"qid{first['qid']}.npz", "text feature folder"),
-                          default=saved_path(getattr(opt, "t_feat_dir", None), contents.path) if opt else None,
-                          given=args.t_feat_dir, flag="--t_feat_dir")
+                          default=t_default, given=args.t_feat_dir, flag="--t_feat_dir", notes=t_notes)
         a_dir = None
         if audio:
+            a_default, a_notes = _saved_default(opt, "a_feat_dir", contents.path)
             a_dir = asker.ask("Audio feature folder",
                               lambda t: _existing_dir(t, f"{first['vid']}.npy", "audio feature folder"),
-                              default=saved_path(getattr(opt, "a_feat_dir", None), contents.path) if opt else None,
-                              given=args.a_feat_dir, flag="--a_feat_dir")
+                              default=a_default, given=args.a_feat_dir, flag="--a_feat_dir", notes=a_notes)
         dirs = {"v_feat_dirs": v_dirs, "t_feat_dir": t_dir, "a_feat_dir": a_dir}
         if opt is None:
             return data_path, records, dirs
@@ -243,6 +330,7 @@ def _ask_analysis(asker, args, contents, records):
                             default="none",
                             given=" ".join(map(str, args.compare_samples)) if args.compare_samples else None,
                             flag="--compare_samples")
+    ablate, contributions = _ask_causal(asker, args, contents)
     stem = os.path.splitext(os.path.basename(contents.path))[0]
     default_out = os.path.join("gate_analysis_results", f"{stem}_{datetime.datetime.now():%Y%m%d_%H%M%S}")
     state = {"overwrite": bool(args.overwrite)}
@@ -266,7 +354,33 @@ def _ask_analysis(asker, args, contents, records):
             state["overwrite"] = True
         return path
     out = asker.ask("Output folder", parse_out, default=default_out, given=args.output_dir, flag="--output_dir")
-    return max_samples, compare, out, state["overwrite"]
+    return {"max_samples": max_samples, "compare": compare, "ablate": ablate, "contributions": contributions,
+            "output_dir": out, "overwrite": state["overwrite"]}
+
+
+def _ask_causal(asker, args, contents):
+    """The causal analyses: ``(--ablate values or None, --contributions)``; the interventions are checked
+    against the checkpoint's layers and gate kinds, and their number (= extra inference passes) is said."""
+    num_layers = contents.info.get("fusion_layers") or None
+    kinds = GATE_KINDS if contents.info.get("film") else DEFAULT_KINDS
+    choices = " ".join([*GATE_VALUES, *AUDIO_INTERVENTIONS])
+
+    def parse(text):
+        values = text.replace(",", " ").split()
+        if not values or values == ["none"]:
+            return None
+        found = parse_interventions(values, args.ablate_layers, args.ablate_gates, num_layers, kinds)
+        asker.write(f"  {len(found)} intervention{'s' if len(found) != 1 else ''} "
+                    f"({', '.join(iv.name for iv in found)}): {len(found)} extra inference "
+                    f"pass{'es' if len(found) != 1 else ''} over the analysed queries")
+        return values
+    ablate = asker.ask(f"Interventions to run (space-separated from: {choices}; none = skip)", parse,
+                       default="none", given=" ".join(args.ablate) if args.ablate else None, flag="--ablate",
+                       notes=ABLATE_HELP)
+    contributions = asker.yes_no("Record per-clip contributions ||gate * branch|| / ||residual|| (--contributions: "
+                                 "measured during the main pass, no extra pass; gate_contributions.csv)?",
+                                 given=True if args.contributions else None)
+    return ablate, contributions
 
 
 def _analysis_arguments(answers, args):
@@ -277,10 +391,22 @@ def _analysis_arguments(answers, args):
     a += ["--output_dir", answers["output_dir"], "--legacy_model"]
     if answers["gating_type"]:
         a += ["--gating_type", answers["gating_type"]]
+    for name, value in architecture_options(args).items():
+        a += [f"--{name}", *map(str, value if isinstance(value, (list, tuple)) else [value])]
     if answers["max_samples"]:
         a += ["--max_samples", str(answers["max_samples"])]
     if answers["compare"]:
         a += ["--compare_samples", *map(str, answers["compare"])]
+    if answers["ablate"]:
+        a += ["--ablate", *answers["ablate"]]
+        for flag, value, default in (("--ablate_layers", args.ablate_layers, ["all"]),
+                                     ("--ablate_gates", args.ablate_gates, ["both"])):
+            if list(value) != default:
+                a += [flag, *map(str, value)]
+        if args.ablate_seed:
+            a += ["--ablate_seed", str(args.ablate_seed)]
+    if answers["contributions"]:
+        a.append("--contributions")
     if answers["overwrite"]:
         a.append("--overwrite")
     if answers["trust"]:
@@ -293,12 +419,6 @@ def _analysis_arguments(answers, args):
         if getattr(args, flag, False):
             a.append("--" + flag)
     return a
-
-
-def _display_command(script, arguments):
-    rel = os.path.relpath(script)
-    shown = rel if not rel.startswith("..") else script
-    return shlex.join(["python", shown, *arguments])
 
 
 def _run_analysis(analyse, arguments, out_dir, write):
@@ -345,20 +465,20 @@ def run_guide(args, script, read=input, write=print, *, analyse):
           f"{contents.keys.layout}: {LAYOUT_DESCRIPTIONS[contents.keys.layout]}")
     data_path, records, dirs = _ask_data(asker, args, contents)
     gating = _ask_gating(asker, args, contents)
-    max_samples, compare, out_dir, overwrite = _ask_analysis(asker, args, contents, records)
-    answers = dict(model_path=model_path, data_path=data_path, dirs=dirs, gating_type=gating, output_dir=out_dir,
-                   max_samples=max_samples, compare=compare, overwrite=overwrite, trust=state["trust"])
+    answers = dict(model_path=model_path, data_path=data_path, dirs=dirs, gating_type=gating, trust=state["trust"],
+                   **_ask_analysis(asker, args, contents, records))
+    out_dir = answers["output_dir"]
     arguments = _analysis_arguments(answers, args)
-    command = _display_command(script, arguments)
+    command = display_command(script, arguments)
     if args.no_run or not asker.yes_no("Run the compatibility check and the analysis now?", default=True):
         write("Nothing was run. The equivalent command:")
         write(command)
         return 0
     asker.step("compatibility check (loads the weights strictly, proves outputs unchanged with tracking on)")
     report, code = check_compatibility(model_path, gating_type=gating, trust_pickle=state["trust"],
-                                       device=args.device or "auto",
-                                       data={"data_path": data_path, **dirs}, batch_size=2)
-    for line in format_report(report)[1:]:
+                                       device=args.device or "auto", data={"data_path": data_path, **dirs},
+                                       batch_size=2, options=architecture_options(args))
+    for line in format_report(report, reason=code == 0, next_command=False)[1:]:  # the reason: on stderr
         write(line)
     if code != 0:
         print(f"{'incompatible' if code == 1 else 'error'}: {report['reason']}", file=sys.stderr)

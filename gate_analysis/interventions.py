@@ -31,9 +31,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from qd_detr.engine import predict
 from qd_detr.errors import ConfigError
 from qd_detr.gates import DEFAULT_KINDS, GATE_KINDS, gate_name
-from qd_detr.inference import predict
 
 __all__ = ["Intervention", "parse_interventions", "reference_intervention", "GATE_VALUES", "AUDIO_INTERVENTIONS",
            "GATE_SELECTIONS", "clamp_gates", "dataset_mean_gates", "swap_sources", "AudioInterventionDataset",

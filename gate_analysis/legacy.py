@@ -15,18 +15,16 @@ imported from this module before the split are re-exported here.
 import time
 
 from qd_detr.checkpoint import inspect_checkpoint, load_checkpoint
-from qd_detr.errors import CheckpointError, ConfigError
+from qd_detr.errors import CheckpointError, ConfigError, IncompatibleModelError, NoFusionError
 from qd_detr.keys import (
     CORE_GROUPS,
     FUSION_SCOPE_PREFIX,
     KEY_RENAMES,
     KEY_TABLE,
     LAYOUT_DESCRIPTIONS,
-    IncompatibleModelError,
     classify_keys,
     unknown_keys_text,
 )
-from qd_detr.model import NoFusionError
 
 from .adapter import adapt_legacy_model
 from .equivalence import (

@@ -6,8 +6,8 @@ diagstrip SSM gate settings (``gate_config``) from module attributes, checked ag
 """
 from torch import nn
 
-from qd_detr.errors import ConfigError
-from qd_detr.keys import IncompatibleModelError, describe_state_dict
+from qd_detr.errors import ConfigError, IncompatibleModelError
+from qd_detr.keys import describe_state_dict
 
 __all__ = ["child_module", "describe_object", "attention_heads", "module_options", "layer_value", "ssm_dilations",
            "gate_config"]

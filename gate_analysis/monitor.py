@@ -30,16 +30,24 @@ the figures ``evolution_layers.png`` / ``evolution_queries.png`` are rewritten f
 
 ``n`` is the number of completed training epochs: ``step(epoch)`` with the 0-based epoch index
 captures ``epoch_{epoch + 1}``.
+
+TensorBoard: with ``writer=SummaryWriter(log_dir)`` (``torch.utils.tensorboard``) each capture also
+writes, at step ``n``, one histogram per gate (``gates/layers.{l}.gate_{kind}``: the capture's pooled gate
+values, padding excluded) and the clip-weighted statistics of ``gate_stats_per_layer.csv``
+(``gates/layers.{l}.gate_{kind}/mean``, ``/std``, ``/frac_positive``, ...), see
+``gate_analysis.tensorboard_log``; the writer is flushed after each capture and never closed here::
+
+    from torch.utils.tensorboard import SummaryWriter
+    writer = SummaryWriter("runs/x/tensorboard_log")
+    monitor = GateMonitor(model, val_batches, out_dir="runs/x/gate_monitor", every=5, writer=writer)
 """
-import inspect
 import os
 import shutil
 import sys
 
-import torch
-
+from qd_detr.engine import run_batches
 from qd_detr.errors import ConfigError, DataError
-from qd_detr.gates import GateRecorder, fusion_gate_kinds, fusion_gate_ranges, fusion_gating_type, fusion_num_layers
+from qd_detr.gates import fusion_gate_kinds, fusion_gate_ranges, fusion_gating_type, fusion_num_layers
 from qd_detr.io import atomic_directory
 
 from .evolution import (
@@ -53,7 +61,9 @@ from .evolution import (
     summarize_gate_evolution,
     write_gate_evolution,
 )
+from .lazy import lazy_attributes
 from .sink import GateSink
+from .tensorboard_log import check_writer, write_gate_summaries
 
 # the evolution names are re-exported: the monitor's documented interface (see gate_analysis.evolution)
 __all__ = ["GateMonitor", "DatasetBatches", "read_gate_evolution", "summarize_gate_evolution", "write_gate_evolution",
@@ -74,7 +84,7 @@ class DatasetBatches:
     """
 
     def __init__(self, dataset, qids=None, n=16, batch_size=32):
-        from qd_detr.dataset import collate
+        from qd_detr.batching import collate
         self._collate = collate
         self.dataset = dataset
         position = {q: i for i, q in enumerate(dataset.qids)}
@@ -127,10 +137,6 @@ def _split_batch(batch):
     return [int(q) for q in qids], [str(v) for v in vids], kwargs
 
 
-def _to_device(kwargs, device):
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in kwargs.items()}
-
-
 # ------------------------------------------------------------------------------------------ monitor
 class GateMonitor:
     """Capture gates on fixed validation queries every ``every`` epochs (see the module docstring).
@@ -146,17 +152,19 @@ class GateMonitor:
         overwrite: delete existing ``epoch_{n}`` folders in ``out_dir`` first; resume: keep them (to
             continue a run). Without either, existing epoch folders are an error.
         progress: a tqdm bar (stderr) over the batches of each capture.
+        writer: a TensorBoard ``SummaryWriter`` (or None): each ``capture(n)`` also writes the gate
+            histograms and statistics at step ``n`` (module docstring).
     """
 
     def __init__(self, model, batches, out_dir, every=5, plots=True, evolution_plots=True, top_n=10,
-                 overwrite=False, resume=False, progress=False):
+                 overwrite=False, resume=False, progress=False, writer=None):
         if resume and overwrite:
             raise ConfigError("GateMonitor: overwrite=True and resume=True contradict each other")
         if int(every) < 1:
             raise ConfigError(f"GateMonitor: every must be a positive number of epochs, got {every}")
         fusion = getattr(model, "fusion", None)
         if fusion is None or not hasattr(fusion, "fusion_layers"):
-            from qd_detr.model import NoFusionError
+            from qd_detr.errors import NoFusionError
             raise NoFusionError("GateMonitor: the model has no audio-visual fusion module (model.fusion), "
                                 "so there are no gates to monitor")
         self.model = model
@@ -173,7 +181,7 @@ class GateMonitor:
         self.evolution_plots = bool(evolution_plots)
         self.top_n = int(top_n)
         self.progress = bool(progress)
-        self._neg_kwarg = "compute_neg" in inspect.signature(model.forward).parameters
+        self.writer = None if writer is None else check_writer(writer)
         os.makedirs(self.out_dir, exist_ok=True)
         existing = epoch_dirs(self.out_dir)
         if existing and not resume:
@@ -207,40 +215,21 @@ class GateMonitor:
 
     # -- capture -----------------------------------------------------------------------------------
     def record(self):
-        """Run every batch once with gate recording; returns ``[(qid, vid, GateRecord), ...]``."""
-        model, fusion = self.model, self.fusion
-        device = next(model.parameters()).device
-        records, pending = [], {}
+        """Run every batch once with gate recording (``qd_detr.engine.run_batches``); returns
+        ``[(qid, vid, GateRecord), ...]``."""
+        records, vids = [], {}
 
         def sink(recs):
-            for rec in recs:
-                records.append((rec.sample_id, pending.get(rec.sample_id, ""), rec))
+            records.extend((rec.sample_id, vids.get(rec.sample_id, ""), rec) for rec in recs)
 
-        was_training = model.training
-        user_recorder = getattr(fusion, "_gate_recorder", None)  # tracking the user enabled: paused
-        if user_recorder is not None:
-            user_recorder.detach()
-        recorder = GateRecorder(fusion, sink)
-        batches = self.batches
-        if self.progress:
-            from tqdm import tqdm
-            batches = tqdm(batches, desc="gate monitor", file=sys.stderr, unit="batch", leave=False)
-        try:
-            model.eval()
-            recorder.attach()
-            with torch.no_grad():
-                for batch in batches:
-                    qids, vids, kwargs = _split_batch(batch)
-                    pending.update(zip(qids, vids))
-                    recorder.set_ids(qids)
-                    if self._neg_kwarg:
-                        kwargs["compute_neg"] = False
-                    model(**_to_device(kwargs, device))
-        finally:
-            recorder.detach()
-            if user_recorder is not None:
-                user_recorder.attach()
-            model.train(was_training)
+        def batches():
+            for batch in self.batches:
+                qids, batch_vids, kwargs = _split_batch(batch)
+                vids.update(zip(qids, batch_vids))
+                yield qids, kwargs
+
+        for _ in run_batches(self.model, batches(), sink=sink, progress=self.progress, desc="gate monitor"):
+            pass
         seen = set()
         for qid, _, _ in records:
             if qid in seen:
@@ -254,8 +243,9 @@ class GateMonitor:
         """Record gates now and write ``epoch_{epoch}/`` plus the evolution table and figures.
 
         ``epoch`` is the number of completed training epochs (0 = untrained). An existing
-        ``epoch_{epoch}`` folder is replaced. Returns {"dir", "csv", "plots", "evolution",
-        "evolution_plots"}."""
+        ``epoch_{epoch}`` folder is replaced. With a ``writer``, the gate summaries go to TensorBoard at
+        step ``epoch`` once the folder is complete. Returns {"dir", "csv", "plots", "evolution",
+        "evolution_plots", "tensorboard"} (``tensorboard``: what ``write_gate_summaries`` wrote, or None)."""
         records = self.record()
         final = os.path.join(self.out_dir, epoch_dir_name(epoch))
         with atomic_directory(final) as tmp:  # built under a temporary name, then moved onto epoch_{n}
@@ -267,7 +257,14 @@ class GateMonitor:
                 sink.add(qid, vid, rec.gates, n_clips=rec.n_clips)
             csvs, plot_paths = sink.finish(top_n=self.top_n, plots=self.plots, plot_top_n=self.top_n)
         rel = lambda p: os.path.join(final, os.path.relpath(p, tmp))  # noqa: E731
-        out = {"dir": final, "csv": {k: rel(p) for k, p in csvs.items()}, "plots": [rel(p) for p in plot_paths]}
+        out = {"dir": final, "csv": {k: rel(p) for k, p in csvs.items()}, "plots": [rel(p) for p in plot_paths],
+               "tensorboard": None}
+        if self.writer is not None:
+            out["tensorboard"] = write_gate_summaries(self.writer, sink.stats, epoch)
+            self.writer.flush()
+            if out["tensorboard"]["skipped"]:
+                print(f"warning: {epoch_dir_name(epoch)}: no TensorBoard histogram for "
+                      f"{', '.join(out['tensorboard']['skipped'])} (NaN gate values)", file=sys.stderr)
         out.update(self.write_evolution())
         return out
 
@@ -284,13 +281,7 @@ class GateMonitor:
         return {"evolution": path, "evolution_plots": plots}
 
 
-# re-export (H-F): the figures moved to gate_analysis.plots_evolution, loaded with matplotlib on first use
+# the figures live in gate_analysis.plots_evolution (matplotlib, imported on first use)
 _PLOT_NAMES = ("plot_gate_evolution",)
 __all__ += _PLOT_NAMES
-
-
-def __getattr__(name):
-    if name in _PLOT_NAMES:
-        from . import plots_evolution
-        return getattr(plots_evolution, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, "gate_analysis.plots_evolution", _PLOT_NAMES)

@@ -16,7 +16,8 @@ Layout of a ``run_gate_analysis.py`` output folder::
 __all__ = ["RUN_FILE", "SUMMARY_FILE", "REPORT_FILE", "PREDICTIONS_FILE", "PARTIAL_PREDICTIONS_FILE",
            "METRICS_FILE", "GATES_DIR", "GATES_META_FILE", "GATES_INDEX_FILE", "PLOTS_DIR", "ABLATION_DIR", "ABLATION_FILE", "ABLATION_OVERALL_FILE",
            "CONTRIBUTIONS_FILE", "CONTRIBUTIONS_PARTIAL", "STATS_CSV_FILES", "GROUND_TRUTH_FILE",
-           "GROUND_TRUTH_OVERALL_FILE", "PERFORMANCE_FILE", "PERFORMANCE_CORRELATIONS_FILE", "FAILURE_PAIRS_FILE",
+           "GROUND_TRUTH_OVERALL_FILE", "PERFORMANCE_FILE", "PERFORMANCE_CORRELATIONS_FILE",
+           "PERFORMANCE_ABLATION_FILE", "FAILURE_PAIRS_FILE",
            "FAILURE_COMPARISON_FILE", "SUBSET_COMPARISON_FILE", "COMPARE_RUNS_FILE", "COMPARE_LAYERS_FILE",
            "COMPARE_QUERIES_FILE", "ABLATION_PLOTS", "GROUND_TRUTH_PLOTS", "PERFORMANCE_PLOTS", "COMPARE_PLOTS",
            "EVOLUTION_FILE", "EVOLUTION_PLOTS", "RUN_OUTPUT_FILES", "RUN_OUTPUT_DIRS", "is_run_output"]
@@ -36,6 +37,7 @@ PLOTS_DIR = "plots"
 # -- statistics (gate_analysis.stats): short key -> file name ------------------------------------------
 STATS_CSV_FILES = {
     "per_query": "gate_stats_per_query.csv",
+    "per_video": "gate_stats_per_video.csv",
     "per_layer": "gate_stats_per_layer.csv",
     "histograms": "gate_histograms.csv",
     "per_clip_position": "gate_stats_per_clip_position.csv",
@@ -53,6 +55,7 @@ GROUND_TRUTH_FILE = "gate_ground_truth.csv"
 GROUND_TRUTH_OVERALL_FILE = "gate_ground_truth_overall.csv"
 PERFORMANCE_FILE = "gate_performance.csv"
 PERFORMANCE_CORRELATIONS_FILE = "gate_performance_correlations.csv"
+PERFORMANCE_ABLATION_FILE = "gate_performance_ablation.csv"
 FAILURE_PAIRS_FILE = "gate_failure_pairs.csv"
 FAILURE_COMPARISON_FILE = "gate_failure_comparison.csv"
 SUBSET_COMPARISON_FILE = "gate_subset_comparison.csv"

@@ -22,23 +22,26 @@ import os
 import numpy as np
 import pandas as pd
 
+from qd_detr.engine import evaluate
 from qd_detr.errors import ConfigError, DataError
 from qd_detr.eval import per_query_metrics
-from qd_detr.gates import gate_name
-from qd_detr.inference import evaluate
+from qd_detr.gates import ALL_LAYERS, gate_name
 from qd_detr.io import write_csv
 
+from .lazy import lazy_attributes
 from .outputs import (
     FAILURE_COMPARISON_FILE,
     FAILURE_PAIRS_FILE,
+    PERFORMANCE_ABLATION_FILE,
     PERFORMANCE_CORRELATIONS_FILE,
     PERFORMANCE_FILE,
     PERFORMANCE_PLOTS,
     SUBSET_COMPARISON_FILE,
 )
 from .rank_stats import mann_whitney, paired_wilcoxon, spearman
+from .stats_csv import gate_id_columns
 
-__all__ = ["performance_table", "correlation_table", "failure_cases", "failure_comparison", "read_subset",
+__all__ = ["performance_table", "ablation_join", "correlation_table", "failure_cases", "failure_comparison", "read_subset",
            "apply_subset", "subset_comparison", "query_gate_features", "write_performance", "CSV_COLUMNS",
            "PLOT_FILES", "METRICS", "SUCCESS_IOU"]
 
@@ -48,11 +51,8 @@ CORRELATED_METRICS = ("top1_iou", "mr_ap", "hl_ap_verygood", "hl_hit1_verygood")
 ABLATION_EFFECTS = ("delta_top1_iou", "delta_mr_ap", "delta_hl_ap_verygood")
 FEATURES = ("gate_mean", "gate_std", "contribution_mean")
 SUCCESS_IOU = 0.5
-ALL = "all"
 
-_ID = {"layer": "Fusion layer index, or 'all' for the mean of the query's per-layer values.",
-       "gate": "Gate kind: 'mha' (audio branch), 'ffn' (FFN branch) or 'beta' (v2 FiLM shift).",
-       "name": "Dotted gate name 'layers.{layer}.gate_{gate}' ('layers.all.gate_{gate}' for all layers)."}
+_ID = gate_id_columns("the mean of the query's per-layer values")
 
 CSV_COLUMNS = {
     PERFORMANCE_FILE: {
@@ -73,9 +73,17 @@ CSV_COLUMNS = {
         "length_bucket": "short / middle / long bucket of the query's longest GT window.",
         "duration": "Video duration in seconds (JSONL).",
         "window_length": "Total length of the relevant windows in seconds.",
-        "ablation_intervention": "The reference audio-off intervention whose effect follows ('' without --ablate).",
-        "ablation_delta_top1_iou": "Its per-query change in top-1 IoU (ablated - baseline; < 0: audio helped).",
-        "ablation_delta_mr_ap": "Its per-query change in MR AP (ablated - baseline, points).",
+    },
+    PERFORMANCE_ABLATION_FILE: {
+        "qid": "QVHighlights query id (labelled, predicted queries; runs with --ablate).",
+        "vid": "Video id of the query.",
+        **_ID,
+        "gate_mean": "Mean gate value of the query (as in gate_performance.csv).",
+        "intervention": "The intervention (every one of the run, in --ablate order).",
+        "delta_top1_iou": "Its per-query change in top-1 IoU (ablated - baseline; for audio-off interventions "
+                          "< 0: audio helped).",
+        "delta_mr_ap": "Its per-query change in MR AP (ablated - baseline, points).",
+        "delta_hl_ap_verygood": "Its per-query change in highlight AP at VeryGood (ablated - baseline, points).",
     },
     PERFORMANCE_CORRELATIONS_FILE: {
         **_ID,
@@ -141,7 +149,7 @@ def query_gate_features(query_stats, contrib_summary=None):
     allrows = qs.groupby(["qid", "gate"], sort=False).agg(
         vid=("vid", "first"), gate_mean=("gate_mean", "mean"), gate_std=("gate_std", "mean"),
         contribution_mean=("contribution_mean", "mean")).reset_index()
-    allrows["layer"] = ALL
+    allrows["layer"] = ALL_LAYERS
     qs["layer"] = qs["layer"].astype(object)
     out = pd.concat([qs, allrows[qs.columns]], ignore_index=True)
     out["name"] = [gate_name(l, k) for l, k in zip(out["layer"], out["gate"])]
@@ -152,10 +160,8 @@ def _window_length(rec):
     return float(sum(max(0.0, float(w[1]) - float(w[0])) for w in rec.get("relevant_windows") or []))
 
 
-def performance_table(lines, records, query_stats, contrib_summary=None, ablation=None, reference=None):
-    """``gate_performance.csv`` rows (DataFrame) for the labelled, predicted queries; empty without labels.
-
-    ``ablation``: the ``ablation.csv`` frame; ``reference``: the intervention name whose effect is joined."""
+def performance_table(lines, records, query_stats, contrib_summary=None):
+    """``gate_performance.csv`` rows (DataFrame) for the labelled, predicted queries; empty without labels."""
     cols = list(CSV_COLUMNS[PERFORMANCE_FILE])
     labelled = [r for r in records if r.get("relevant_windows")]
     if not labelled:
@@ -165,19 +171,24 @@ def performance_table(lines, records, query_stats, contrib_summary=None, ablatio
                          "window_length": [_window_length(r) for r in labelled]})
     feats = query_gate_features(query_stats, contrib_summary)
     df = feats.merge(metrics, on="qid", how="inner").merge(info, on="qid", how="left")
-    if ablation is not None and reference is not None and len(ablation):
-        a = ablation[ablation["intervention"] == reference][["qid", "delta_top1_iou", "delta_mr_ap"]]
-        a = a.rename(columns={"delta_top1_iou": "ablation_delta_top1_iou", "delta_mr_ap": "ablation_delta_mr_ap"})
-        df = df.merge(a, on="qid", how="left")
-        df["ablation_intervention"] = reference
-    else:
-        df["ablation_intervention"] = ""
-        df["ablation_delta_top1_iou"] = np.nan
-        df["ablation_delta_mr_ap"] = np.nan
     order = {q: i for i, q in enumerate(r["qid"] for r in labelled)}
     df["_o"] = df["qid"].map(order)
-    df["_l"] = [99999 if l == ALL else int(l) for l in df["layer"]]
+    df["_l"] = [99999 if l == ALL_LAYERS else int(l) for l in df["layer"]]
     df = df.sort_values(["_o", "_l", "gate"], kind="stable").drop(columns=["_o", "_l"])
+    return df[cols].reset_index(drop=True)
+
+
+def ablation_join(perf, ablation):
+    """``gate_performance_ablation.csv``: every row of ``perf`` (query x gate) joined with every intervention's
+    per-query effect of ``ablation`` (the ``ablation.csv`` frame), interventions in their run order."""
+    cols = list(CSV_COLUMNS[PERFORMANCE_ABLATION_FILE])
+    if ablation is None or not len(ablation) or not len(perf):
+        return pd.DataFrame(columns=cols)
+    effects = ablation[["qid", "intervention", *ABLATION_EFFECTS]]
+    order = {name: i for i, name in enumerate(dict.fromkeys(ablation["intervention"]))}
+    df = perf[["qid", "vid", "layer", "gate", "name", "gate_mean"]].reset_index().merge(effects, on="qid")
+    df["_i"] = df["intervention"].map(order)
+    df = df.sort_values(["_i", "index"], kind="stable")
     return df[cols].reset_index(drop=True)
 
 
@@ -360,13 +371,7 @@ def write_performance(output_dir, frames):
     return paths
 
 
-# re-export (H-F): the figures moved to gate_analysis.plots_performance, loaded with matplotlib on first use
+# the figures live in gate_analysis.plots_performance (matplotlib, imported on first use)
 _PLOT_NAMES = ("plot_performance", "plot_failure_cases", "plot_subset_comparison")
 __all__ += _PLOT_NAMES
-
-
-def __getattr__(name):
-    if name in _PLOT_NAMES:
-        from . import plots_performance
-        return getattr(plots_performance, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, "gate_analysis.plots_performance", _PLOT_NAMES)

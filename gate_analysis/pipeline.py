@@ -19,16 +19,24 @@ Gates are not kept in memory: each batch's gates are written as one shard; only 
 rows stay, and predictions wait in ``predictions.partial.jsonl``. ``run.json`` says ``"status":
 "running"`` until every output is written, so an interrupted run never looks complete.
 """
+import contextlib
 import functools
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 
+from tqdm import tqdm
+
+from qd_detr.annotations import has_labels, read_jsonl
+from qd_detr.batching import make_batches
 from qd_detr.checkpoint import load_checkpoint
 from qd_detr.cli import architecture_options
-from qd_detr.dataset import has_labels, read_jsonl
-from qd_detr.errors import ConfigError, DataError
+from qd_detr.dataset import build_dataset
+from qd_detr.engine import evaluate, iterate_batches
+from qd_detr.errors import ConfigError, DataError, NoFusionError
+from qd_detr.features import resolve_feature_dirs
 from qd_detr.gates import (
     GATE_KINDS,
     GateRecorder,
@@ -37,12 +45,10 @@ from qd_detr.gates import (
     fusion_gating_type,
     fusion_num_layers,
 )
-from qd_detr.inference import build_dataset, evaluate, iterate_batches, make_batches, resolve_feature_dirs
 from qd_detr.io import write_json, write_jsonl
-from qd_detr.model import NoFusionError
 from qd_detr.postprocess import submission_lines
 
-from .analyses import run_extended_analyses
+from .analyses import EXTENDED_STEPS, run_extended_analyses
 from .background import OrderedWorker, release_freed_memory
 from .contributions import ContributionWriter
 from .manifest import (
@@ -52,10 +58,13 @@ from .manifest import (
     format_summary,
     new_manifest,
     read_resumable,
+    remove_stale_files,
+    run_summary,
     write_run_json,
     write_summary,
 )
 from .outputs import (
+    CONTRIBUTIONS_FILE,
     CONTRIBUTIONS_PARTIAL,
     GATES_DIR,
     METRICS_FILE,
@@ -107,6 +116,18 @@ class RunState:
     plot_job: object = None     # start_plots
     plot_paths: list = field(default_factory=list)
     results: object = None      # run_analyses: analyses.Results
+    complete: bool = False      # finish_run: run.json says "complete"
+
+    phase_bar: object = None    # the progress bar of the steps after the main pass
+
+    @contextlib.contextmanager
+    def phase(self, label):
+        """One step after the main pass: named on the progress bar while it runs, counted when it ends."""
+        if self.phase_bar is not None:
+            self.phase_bar.set_description(label)
+        yield
+        if self.phase_bar is not None:
+            self.phase_bar.update(1)
 
     @property
     def out(self):
@@ -220,6 +241,20 @@ def check_model_options(run):
 
 
 # -- the main pass ------------------------------------------------------------------------------------
+def _reopen_finished_capture(out, contributions):
+    """A run stopped after its main pass: put its predictions (and contributions) back into the partial files
+    the pass writes, so resuming treats every batch as done and redoes only the steps after it."""
+    partial, final = os.path.join(out, PARTIAL_PREDICTIONS_FILE), os.path.join(out, PREDICTIONS_FILE)
+    if not os.path.exists(partial) and os.path.exists(final):
+        os.replace(final, partial)
+    stale_metrics = os.path.join(out, METRICS_FILE)
+    if os.path.exists(stale_metrics):
+        os.remove(stale_metrics)
+    contrib_partial, contrib_final = os.path.join(out, CONTRIBUTIONS_PARTIAL), os.path.join(out, CONTRIBUTIONS_FILE)
+    if contributions and not os.path.exists(contrib_partial) and os.path.exists(contrib_final):
+        os.replace(contrib_final, contrib_partial)
+
+
 def _read_partial_lines(partial):
     """Prediction lines of the partial file, up to a line cut by an interruption."""
     lines = []
@@ -241,6 +276,8 @@ def start_run(run):
                                 run.batches)
     if run.previous is not None:
         check_resumable(out, run.previous, run.manifest)
+        remove_stale_files(out)  # temporary files of writes a kill cut short
+        _reopen_finished_capture(out, bool(cfg.contributions))
     else:
         clear_previous_outputs(out)
     write_run_json(out, run.manifest, "running")
@@ -256,7 +293,7 @@ def start_run(run):
         write_jsonl(partial, lines)  # drop predictions whose gate shard was never written
         done = {line["qid"] for line in lines}
         run.n_done = len(lines)
-        run.loop_stats = {"exact_reruns": run.previous.get("progress", {}).get("exact_reruns", 0)}
+        run.loop_stats = {"exact_reruns": (run.previous.get("progress") or {}).get("exact_reruns", 0)}
     stale = os.path.join(out, CONTRIBUTIONS_PARTIAL)
     if cfg.contributions:
         run.contributions = ContributionWriter(out, keep_qids=done if run.previous is not None else None)
@@ -312,7 +349,6 @@ def capture_gates(run):
         worker.close(cancel=True)  # queued batches are dropped: their shards never exist, so resume redoes them
         if contrib is not None:
             contrib.close()
-        write_run_json(out, run.manifest, "interrupted", progress=progress())
         raise
 
 
@@ -348,8 +384,9 @@ def write_statistics(run):
 def run_analyses(run):
     """The extended analyses (``gate_analysis.analyses``); then wait for the figures."""
     run.results = run_extended_analyses(run)
-    if run.plot_job is not None:
-        run.plot_paths = run.plot_job.result()
+    with run.phase("figures"):
+        if run.plot_job is not None:
+            run.plot_paths = run.plot_job.result()
 
 
 def finish_run(run):
@@ -361,36 +398,62 @@ def finish_run(run):
              "plots": [os.path.relpath(p, out) for p in run.plot_paths]}
     manifest = complete_manifest(run.manifest, run.started, run.lines, len(acc.layers), acc.kinds, run.dataset,
                                  run.loop_stats, run.metrics, files)
+    manifest["query_dependence"] = acc.query_dependence()
     if run.reproduction is not None:
         manifest["reproduction"] = run.reproduction.run(run.model, progress=run.progress)
     manifest["analyses"] = res.analyses
     files.update(res.files)
     files["plots"] += [os.path.relpath(p, out) for p in res.plots]
     files["report"] = REPORT_FILE
+    manifest["analysis_summary"] = list(res.summary)
     write_report(out, run=manifest)
-    res.summary.append(f"report: {os.path.join(out, REPORT_FILE)}")
-    write_run_json(out, manifest, "complete")
-    summary = format_summary(manifest, acc.layer_stats(), acc.rankings(n=min(5, run.cfg.top_n or 10)), out)
-    summary += "".join("\n  " + line for line in res.summary)
+    summary = run_summary(manifest, acc.layer_stats(), acc.rankings(n=min(5, run.cfg.top_n or 10)), out)
     write_summary(out, summary)
+    write_run_json(out, manifest, "complete")  # last: only a run with every output says "complete"
+    run.complete = True
     run.log(summary)
 
+
+#: What the progress bar shows while the steps after the main pass run (run_analyses names its own parts).
+PHASE_LABELS = {start_plots: "figures (started)", write_predictions: "predictions and metrics",
+                write_statistics: "statistics CSVs", finish_run: "report"}
 
 #: The steps of ``run_analysis``, in order; the figures are drawn from ``start_plots`` to ``run_analyses``.
 STEPS = (check_arguments, load_model, build_batches, check_model_options, start_run, capture_gates, start_plots,
          write_predictions, write_statistics, run_analyses, finish_run)
 
 
-def run_analysis(cfg, progress=True, log=print):
-    """Run the whole analysis described by ``cfg`` (``STEPS``); returns the run manifest (also in run.json)."""
+def run_analysis(cfg, progress=True, log=print, timings=None):
+    """Run the whole analysis described by ``cfg`` (``STEPS``); returns the run manifest (also in run.json).
+
+    ``timings``: a dict that receives each step's wall time in seconds, keyed by the step's name (the figures
+    run in the background from ``start_plots``; the wait for them is part of ``run_analyses``)."""
     run = RunState(cfg, progress=progress, log=log)
+    after = STEPS[STEPS.index(capture_gates) + 1:]
     for step in STEPS:
+        start = time.perf_counter()
+        if step is after[0] and progress:  # one bar over the steps after the main pass, ending at its total
+            run.phase_bar = tqdm(total=len(after) - 1 + len(EXTENDED_STEPS) + 1, desc="after the forward pass",
+                                 unit="step", file=sys.stderr)
         try:
-            step(run)
+            if step in PHASE_LABELS:
+                with run.phase(PHASE_LABELS[step]):
+                    step(run)
+            else:
+                step(run)
         except BaseException:
             if run.plot_job is not None:
                 run.plot_job.cancel()
+            if run.manifest is not None and not run.complete:
+                # any step after start_run: what the run has is kept and --resume continues from it
+                run.manifest["interrupted_in"] = step.__name__
+                write_run_json(run.out, run.manifest, "interrupted", progress=run.manifest.get("progress"))
             raise
+        finally:
+            if timings is not None:
+                timings[step.__name__] = time.perf_counter() - start
+            if step is after[-1] and run.phase_bar is not None:
+                run.phase_bar.close()
     if run.plot_job is not None:
         run.plot_job.cancel()
     return run.manifest

@@ -11,10 +11,13 @@ from qd_detr.gates import GATE_KINDS, gate_name
 
 from .contributions import contrib_layer_table
 from .figures import (
+    EFFECT_CMAP,
     KIND_COLOR,
     LAYOUT,
     PAD_COLOR,
     cmap_norm,
+    colorbar,
+    effect_colors,
     heatmap_height,
     kind_short_label,
     panel_scale,
@@ -22,6 +25,7 @@ from .figures import (
     save_png,
     subsample_indices,
     value_lim,
+    wrap_text,
     zero_line,
 )
 from .interventions import AUDIO_INTERVENTIONS
@@ -33,7 +37,9 @@ __all__ = ["plot_ablation", "plot_contributions"]
 
 def plot_ablation(per_query, overall, output_dir, max_queries=60, max_panels=10, kinds=DEFAULT_KINDS):
     """Figures of ``ABLATION_PLOTS`` for the ablation results; returns the written paths. ``kinds``: the
-    model's gate kinds (a clamp to zero removes audio only when it covers all of them)."""
+    model's gate kinds (a clamp to zero removes audio only when it covers all of them). Effects use the
+    effect colours (``figures.EFFECT_CMAP``: purple = better under the intervention, orange = worse), never
+    the gate colours; label-free changes (no labels: how much the predictions moved) are drawn grey."""
     out = os.path.join(output_dir, PLOTS_DIR)
     os.makedirs(out, exist_ok=True)
     paths = []
@@ -51,7 +57,7 @@ def plot_ablation(per_query, overall, output_dir, max_queries=60, max_panels=10,
     for ax, key in zip(axes[0], keys):
         sel = overall[overall["metric"] == key].set_index("intervention").reindex(names)
         d = sel["delta"].to_numpy(float)
-        colors = ["tab:red" if v < 0 else "tab:blue" for v in np.nan_to_num(d)]
+        colors = effect_colors(d) if unit != "change" else ["0.45"] * len(d)
         ax.barh(np.arange(len(names)), np.nan_to_num(d), color=colors)
         for i, v in enumerate(d):
             if np.isfinite(v):
@@ -64,7 +70,9 @@ def plot_ablation(per_query, overall, output_dir, max_queries=60, max_panels=10,
         ax.set_xlabel(f"ablated − baseline ({unit})")
     axes[0, 0].set_yticks(np.arange(len(names)), names)
     axes[0, 0].invert_yaxis()
-    fig.suptitle("Effect of each intervention on the run's metrics (red: worse than baseline)", fontsize=12)
+    fig.suptitle("Effect of each intervention on the run's metrics (orange: worse than baseline, purple: better)"
+                 if unit != "change" else "How much each intervention changed the predictions (no labels)",
+                 fontsize=12)
     paths.append(save_png(fig, os.path.join(out, ABLATION_PLOTS["overall"])))
 
     # 2. per-query deltas, sorted, one panel per intervention (audio-off ones first): which queries audio
@@ -80,7 +88,7 @@ def plot_ablation(per_query, overall, output_dir, max_queries=60, max_panels=10,
     for ax, name in zip(axes.flat, shown):
         sel = per_query[per_query["intervention"] == name].sort_values(col, kind="stable")
         d = sel[col].to_numpy(float)
-        colors = ["tab:red" if v < 0 else ("tab:blue" if v > 0 else "0.6") for v in d]
+        colors = effect_colors(d) if metric else ["0.45"] * len(d)
         ax.bar(np.arange(len(d)), d, color=colors, width=0.9)
         ax.axhline(0, color="0.3", lw=0.8)
         if metric:
@@ -100,8 +108,13 @@ def plot_ablation(per_query, overall, output_dir, max_queries=60, max_panels=10,
     for ax in list(axes.flat)[len(shown):]:
         ax.set_visible(False)
     more = f"; {len(names) - len(shown)} more in ablation.csv" if len(names) > len(shown) else ""
-    fig.suptitle("Per-query effect of each intervention (red: worse under it; for audio-off interventions "
-                 f"red = audio helped the query){more}", fontsize=11)
+    if metric:
+        audio = "; for audio-off interventions orange = audio helped the query" if any(off[n] for n in shown) else ""
+        title = (f"Per-query effect of each intervention on the top-1 IoU (orange: worse under it, purple: better"
+                 f"{audio}){more}")
+    else:
+        title = f"Per-query change of the saliency scores under each intervention (no labels){more}"
+    fig.suptitle(wrap_text(fig, title, 11, fig.get_figwidth() * fig.dpi - 40), fontsize=11)
     paths.append(save_png(fig, os.path.join(out, ABLATION_PLOTS["per_query"])))
 
     # 3. heatmap queries x interventions
@@ -111,13 +124,19 @@ def plot_ablation(per_query, overall, output_dir, max_queries=60, max_panels=10,
         mat = mat.iloc[subsample_indices(len(mat), max_queries)]
     lim = max(float(np.nanmax(np.abs(mat.to_numpy()))) if np.isfinite(mat.to_numpy()).any() else 0, 1e-6)
     fig, ax = plt.subplots(figsize=(min(0.9 * len(names) + 4, 16), heatmap_height(len(mat))), layout=LAYOUT)
-    cmap = plt.get_cmap("RdBu").with_extremes(bad=PAD_COLOR)
-    im = ax.imshow(mat.to_numpy(float), aspect="auto", cmap=cmap, vmin=-lim, vmax=lim, interpolation="nearest")
+    labelled = hm_col == "delta_mr_ap"
+    if labelled:  # signed effect: the effect colours around 0
+        cmap, vmin = plt.get_cmap(EFFECT_CMAP).with_extremes(bad=PAD_COLOR), -lim
+        label, title = ("Δ MR AP of the query (points)\npurple: better, orange: worse",
+                        "Per-query change of the MR AP under each intervention (ablated − base)")
+    else:  # a size of change (>= 0): sequential
+        cmap, vmin = plt.get_cmap("viridis").with_extremes(bad=PAD_COLOR), 0.0
+        label, title = "mean |Δ saliency|", "Per-query change of the saliency under each intervention (no labels)"
+    im = ax.imshow(mat.to_numpy(float), aspect="auto", cmap=cmap, vmin=vmin, vmax=lim, interpolation="nearest")
     ax.set_xticks(np.arange(len(names)), names, rotation=40, ha="right", fontsize=8 if len(names) <= 14 else 6)
     ax.set_yticks(np.arange(len(mat)), [f"qid {q}" for q in mat.index], fontsize=7)
-    cb = fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
-    cb.set_label("Δ per-query MR AP (ablated − base, points)" if hm_col == "delta_mr_ap" else "mean |Δ saliency|")
-    ax.set_title("Per-query change under each intervention (red: worse, blue: better)", fontsize=11)
+    colorbar(fig, im, ax, None, label=label)
+    ax.set_title(wrap_text(fig, title, 11, fig.get_figwidth() * fig.dpi - 190), fontsize=11)
     paths.append(save_png(fig, os.path.join(out, ABLATION_PLOTS["heatmap"])))
     return paths
 

@@ -3,7 +3,6 @@ layer, the queries x layers heatmap, the per-dimension profile, the evolution ac
 top / bottom rankings. Each function draws one figure, writes one PNG atomically and returns its path;
 colours and axes follow the declared gate ranges (``gate_analysis.figures``)."""
 import numpy as np
-from matplotlib.collections import PolyCollection
 
 from qd_detr.gates import gate_name
 
@@ -41,9 +40,11 @@ def plot_layer_distributions(histograms_df, query_stats_df, path, value_range=No
                              near_zero=0.1, gate_ranges=None):
     """Per layer (rows) and gate kind (columns): the exact histogram of all gate values (fraction of
     values per bin, bars coloured by value; out-of-range and NaN counts written in the panel), and a
-    bottom row with violins (+ points when few) of the per-query mean gate per layer. Each panel's x axis
+    bottom row with violins (+ points when few) of the per-video mean gate per layer (``query_stats_df``: the
+    ``video_stats()`` frame). Each panel's x axis
     is its histogram's range; colours follow the declared ``gate_ranges``; the grey band marks the
     near-zero values (``near_zero`` times the range magnitude around the reference value)."""
+    from matplotlib.collections import PolyCollection
     h = histograms_df
     if len(h) == 0:
         raise ValueError("plot_layer_distributions: the histograms frame is empty (no queries accumulated)")
@@ -125,10 +126,10 @@ def plot_layer_distributions(histograms_df, query_stats_df, path, value_range=No
         value_lim(ax, sc, np.concatenate(data) if data else [])
         ax.set_xticks(layers)
         ax.set_xlabel("fusion layer")
-        ax.set_ylabel("per-query mean gate")
+        ax.set_ylabel("per-video mean gate")
         n_q = max((d.size for d in data), default=0)
-        ax.set_title(f"{kind_label(kind, sc.rng)}: per-query mean, {n_q:,} queries" if len(kinds) < 3 else
-                     f"{kind_short_label(kind, sc.rng)}: per-query mean, {n_q:,} queries", fontsize=10, loc="left")
+        ax.set_title(f"{kind_label(kind, sc.rng)}: per-video mean, {n_q:,} videos" if len(kinds) < 3 else
+                     f"{kind_short_label(kind, sc.rng)}: per-video mean, {n_q:,} videos", fontsize=10, loc="left")
     gt = f" ({gating_type} gating)" if gating_type else ""
     band = ""
     if any_band and (not gate_ranges or all_tanh(gate_ranges)):
@@ -138,7 +139,7 @@ def plot_layer_distributions(histograms_df, query_stats_df, path, value_range=No
         band = (f"\ngrey band: near zero, |g| ≤ {near_zero:.0%} of the gate's range (audio ignored"
                 + ("; FiLM FFN gate: weight ≈ 1, not off" if film else "") + ")")
     fig.suptitle(f"Gate value distributions per layer{gt}\nexact histograms over all values "
-                 f"(bars coloured by value) and per-query means{band}", fontsize=12)
+                 f"(bars coloured by value) and per-video means{band}", fontsize=12)
     return save_png(fig, path)
 
 
@@ -157,10 +158,13 @@ def _query_matrix(query_stats_df, kind, layers):
 
 
 def plot_query_layer_heatmap(query_stats_df, path, max_queries=200, value_range=None, gate_ranges=None):
-    """Queries x layers heatmap of the per-query mean gate, one panel per gate kind (shared colour
-    scale when the kinds share a range; a kind's scale covers its layers' declared ranges). qids label
-    the rows when at most 60 are shown; above ``max_queries`` an evenly spaced subset (recorded order)
-    is drawn and the title says so."""
+    """Rows x layers heatmap of the mean gate, one panel per gate kind (shared colour scale when the kinds share
+    a range; a kind's scale covers its layers' declared ranges). Rows are videos when the frame is
+    ``video_stats()`` (it has ``n_queries``), else queries; labels when at most 60 are shown; above
+    ``max_queries`` an evenly spaced subset (recorded order) is drawn and the title says so."""
+    videos = "n_queries" in query_stats_df.columns
+    unit, units = ("video", "videos") if videos else ("query", "queries")
+    names = dict(zip(query_stats_df["qid"], query_stats_df["vid"])) if videos else {}
     if len(query_stats_df) == 0:
         raise ValueError("plot_query_layer_heatmap: the query_stats frame is empty")
     kinds, layers = kinds_in(query_stats_df), layers_in(query_stats_df)
@@ -183,18 +187,19 @@ def plot_query_layer_heatmap(query_stats_df, path, max_queries=200, value_range=
         ax.set_title(kind_label(kind, scales[kind].rng).replace(" (", "\n("), fontsize=10)
         if j == 0:
             if n <= 60:
-                ax.set_yticks(range(n), [f"qid {qids[i]}" for i in idx], fontsize=7)
-                ax.set_ylabel("query")
+                labels = [shorten(names[qids[i]], 24) if videos else f"qid {qids[i]}" for i in idx]
+                ax.set_yticks(range(n), labels, fontsize=7)
+                ax.set_ylabel(unit)
             else:
-                ax.set_ylabel(f"queries (row = one query, recorded order; {n:,} rows)")
+                ax.set_ylabel(f"{units} (row = one {unit}, recorded order; {n:,} rows)")
                 ax.set_yticks([])
         if not shared:
             colorbar(fig, im, ax, scales[kind], f"mean gate_{kind}")
     if shared:
-        colorbar(fig, im, axes[0, :].tolist(), scales[kinds[0]], "mean gate of the query")
-    note = (f"\n{n:,} of {n_total:,} queries shown (evenly spaced, recorded order)" if n < n_total
-            else f" ({n_total:,} queries)")
-    fig.suptitle(f"Mean gate per query and layer{note}", fontsize=11)
+        colorbar(fig, im, axes[0, :].tolist(), scales[kinds[0]], f"mean gate of the {unit}")
+    note = (f"\n{n:,} of {n_total:,} {units} shown (evenly spaced, recorded order)" if n < n_total
+            else f" ({n_total:,} {units})")
+    fig.suptitle(f"Mean gate per {unit} and layer{note}", fontsize=11)
     return save_png(fig, path)
 
 
@@ -234,7 +239,7 @@ def plot_dim_profile(dim_stats_df, path, value_range=None, gate_ranges=None):
 
 
 def plot_layer_evolution(layer_stats_df, path, value_range=None, gate_ranges=None):
-    """Across layers (x = layer): (1) mean gate ± std and (2) std, for each gate kind, query-weighted
+    """Across layers (x = layer): (1) mean gate ± std and (2) std, for each gate kind, video-weighted
     (solid) and clip-weighted (dashed); (3) clip-weighted fractions of values that are negative /
     near zero / positive per layer and kind (stacked; they sum to 1 unless there are NaN values;
     thresholds relative to each gate's declared range, and no negative part for sigmoid gates)."""
@@ -243,10 +248,10 @@ def plot_layer_evolution(layer_stats_df, path, value_range=None, gate_ranges=Non
         raise ValueError("plot_layer_evolution: the layer_stats frame is empty")
     kinds, layers = kinds_in(ls), layers_in(ls)
     fig, axes = plt.subplots(1, 3, layout=LAYOUT, figsize=(17, 4.8))
-    style = {"query": dict(ls="-", marker="o"), "clip": dict(ls="--", marker="s")}
+    style = {"video": dict(ls="-", marker="o"), "clip": dict(ls="--", marker="s")}
     extent = []
     for k_i, kind in enumerate(kinds):
-        for w_i, weighting in enumerate(("query", "clip")):
+        for w_i, weighting in enumerate(("video", "clip")):
             d = ls[(ls["gate"] == kind) & (ls["weighting"] == weighting)].sort_values("layer")
             if not len(d):
                 continue
@@ -304,15 +309,15 @@ def plot_layer_evolution(layer_stats_df, path, value_range=None, gate_ranges=Non
     ax.set_title("sign of the gate values" if plain else
                  "gate values vs 0 (thresholds: 10% of each gate's range)", fontsize=10)
     ax.legend(fontsize=8, loc="upper center", framealpha=0.9, ncol=1)
-    fig.suptitle("Gates across fusion layers (query-weighted: each query counts once; clip-weighted: all values)",
+    fig.suptitle("Gates across fusion layers (video-weighted: each video counts once; clip-weighted: all values)",
                  fontsize=12)
     return save_png(fig, path)
 
 
 def plot_rankings(rankings_df, path, layer="all", value_range=None, gate_ranges=None):
-    """Top and bottom queries by mean gate (horizontal bars, coloured by value on the gate's declared
-    range), one panel per gate kind; ``layer="all"`` ranks by the mean over all layers (gate kinds
-    never mixed)."""
+    """Top and bottom videos by mean gate (horizontal bars, coloured by value on the gate's declared range),
+    one panel per gate kind; ``layer="all"`` ranks by the mean over layers of |layer mean| (gate kinds never
+    mixed)."""
     r = rankings_df[rankings_df["layer"].astype(str) == str(layer)]
     if len(r) == 0:
         raise ValueError(f"plot_rankings: no rankings for layer {layer!r}")
@@ -331,9 +336,9 @@ def plot_rankings(rankings_df, path, layer="all", value_range=None, gate_ranges=
         rows = list(top.itertuples()) + list(bot.itertuples())
         y = np.arange(len(rows))[::-1].astype(float)
         y[len(top):] -= 0.6  # gap between the two groups
-        vals = np.array([row.mean for row in rows], dtype=float)
+        vals = np.array([row.value for row in rows], dtype=float)
         ax.barh(y, vals, color=cmap(norm(vals)), edgecolor="0.4", lw=0.4)
-        labels = [f"{row.rank_type} {row.rank}: qid {row.qid}  {shorten(row.vid, 26)}" for row in rows]
+        labels = [f"{row.rank_type} {row.rank}: {shorten(row.vid, 26)} ({row.n_queries} q.)" for row in rows]
         ax.set_yticks(y, labels, fontsize=8)
         for yy, v in zip(y, vals):
             ax.text(v, yy, f" {v:+.3f} ", va="center", ha="left" if v >= 0 else "right", fontsize=7)
@@ -341,9 +346,10 @@ def plot_rankings(rankings_df, path, layer="all", value_range=None, gate_ranges=
         lo, hi = min(sc.lo, np.nanmin(vals)), max(sc.hi, np.nanmax(vals))
         pad = 0.18 * (hi - lo)
         ax.set_xlim(lo - pad if lo < 0 else lo, hi + pad)
-        ax.set_xlabel(f"mean gate of the query {where}")
+        ax.set_xlabel("mean over layers of |video mean gate|" if str(layer) == "all"
+                      else f"mean gate of the video {where}")
         ax.set_title(f"{gate_name(layer, kind)}: top {len(top)} / bottom {len(bot)}", fontsize=10, loc="left")
     scope = "all layers" if str(layer) == "all" else f"layer {layer}"
-    fig.suptitle(f"Queries with the highest and lowest mean gate ({scope}; each gate kind ranked separately)",
-                 fontsize=12)
+    what = "|mean gate| averaged over layers" if str(layer) == "all" else f"mean gate ({scope})"
+    fig.suptitle(f"Videos with the highest and lowest {what} (each gate kind ranked separately)", fontsize=12)
     return save_png(fig, path)

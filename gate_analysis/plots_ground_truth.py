@@ -18,8 +18,8 @@ from .figures import (
     value_lim,
     zero_line,
 )
-from .gate_arrays import PER_CLIP_GATING_TYPES
-from .ground_truth import MEASURES, accumulate_ground_truth, clip_labels, per_clip_values
+from .gate_arrays import PER_CLIP_GATING_TYPES, per_clip_values
+from .ground_truth import MEASURES, accumulate_ground_truth, clip_labels
 from .outputs import GROUND_TRUTH_PLOTS, PLOTS_DIR
 from .rank_stats import spearman
 
@@ -27,27 +27,31 @@ __all__ = ["plot_ground_truth", "plot_examples"]
 
 
 def plot_ground_truth(per_query, overall, output_dir, records=None, gate_run=None, contributions=None,
-                      n_examples=4, across=None, gate_ranges=None):
+                      n_examples=4, across=None, gate_ranges=None, figures=None):
     """Figures of ``GROUND_TRUTH_PLOTS`` (those that apply); returns the written paths. ``across``: the
     accumulator's ``across_queries()`` when at hand (else computed from records, gate run, contributions);
     ``n_examples=0`` leaves out the examples figure (``plot_examples``). Gate axes follow the declared
-    ``gate_ranges`` (default: the gate run's; tanh [-1, 1] without either)."""
+    ``gate_ranges`` (default: the gate run's; tanh [-1, 1] without either). ``figures``: only these keys of
+    ``GROUND_TRUTH_PLOTS`` (default: all; e.g. one per process that draws)."""
     if gate_ranges is None:
         gate_ranges = getattr(gate_run, "gate_ranges", None)
     out = os.path.join(output_dir, PLOTS_DIR)
     os.makedirs(out, exist_ok=True)
     paths = []
+    wanted = set(GROUND_TRUTH_PLOTS if figures is None else figures)
     measures = [m for m in MEASURES if len(per_query) and (per_query["measure"] == m).any()]
-    if measures:
+    if measures and "distributions" in wanted:
         paths.append(_plot_distributions(per_query, measures, os.path.join(out, GROUND_TRUTH_PLOTS["distributions"])))
+    if measures and "inside_outside" in wanted:
         paths.append(_plot_inside_outside(per_query, measures, os.path.join(out, GROUND_TRUTH_PLOTS["inside_outside"]),
                                           gate_ranges))
-    if across is None and records is not None and (gate_run is not None or contributions is not None):
-        across = accumulate_ground_truth(records, gate_run, contributions).across_queries()
-    if across is not None:
-        paths.append(_plot_across_queries(across, os.path.join(out, GROUND_TRUTH_PLOTS["across_queries"]),
-                                          gate_ranges))
-    if n_examples and records is not None and gate_run is not None:
+    if "across_queries" in wanted:
+        if across is None and records is not None and (gate_run is not None or contributions is not None):
+            across = accumulate_ground_truth(records, gate_run, contributions).across_queries()
+        if across is not None:
+            paths.append(_plot_across_queries(across, os.path.join(out, GROUND_TRUTH_PLOTS["across_queries"]),
+                                              gate_ranges))
+    if n_examples and records is not None and gate_run is not None and "examples" in wanted:
         paths += plot_examples(records, gate_run, output_dir, n_examples)
     return paths
 
@@ -108,8 +112,10 @@ def _plot_distributions(per_query, measures, path):
             ax.set_ylim(lim[0] - 0.03, lim[1] + 0.03)
             ax.set_xticks(pos, [gate_name(l, k) for l, k in keys], rotation=35, ha="right", fontsize=8)
             ax.set_ylabel(f"per-query {label}")
-            ax.set_title(f"{measure}: {label} (dashed: no relation)", fontsize=10, loc="left")
-    fig.suptitle("Do gates follow the annotations? One point per labelled query", fontsize=12)
+            ax.set_title(f"{measure}: {label}", fontsize=10, loc="left")
+    what = "gates and contributions" if "contribution" in measures else "gates"
+    fig.suptitle(f"Do {what} follow the annotations? One point per labelled query\n"
+                 "(dashed line: no relation, AUROC 0.5 / rho 0)", fontsize=11)
     return save_png(fig, path)
 
 
@@ -180,7 +186,9 @@ def _plot_across_queries(df, path, gate_ranges=None):
             ax.set_ylabel(f"query mean {measure}")
             ax.set_title(f"{measure}: {kind_label(kind, sc.rng)}", fontsize=10, loc="left")
             ax.legend(fontsize=7)
-    fig.suptitle("Across queries: mean gate / contribution vs how much of the video is relevant", fontsize=11)
+    what = " / ".join({"gate": "mean gate", "contribution": "mean effective contribution"}.get(m, f"mean {m}")
+                      for m in measures) or "mean gate"
+    fig.suptitle(f"Across queries: {what} vs how much of the video is relevant", fontsize=11)
     return save_png(fig, path)
 
 
@@ -217,14 +225,14 @@ def _plot_examples(records, gate_run, n_examples, path):
             zero_line(ax, sc, axis="y")
             ax.set_xlim(-0.5, t - 0.5)
             tw = ax.twinx()
-            tw.plot(np.arange(t), sal, color="tab:red", lw=0.9, ls=":", label="saliency")
+            tw.plot(np.arange(t), sal, color="k", lw=0.9, ls=":", label="saliency")
             tw.set_ylim(0, 4.2)
-            tw.set_ylabel("saliency (mean of 3)", fontsize=8, color="tab:red")
+            tw.set_ylabel("saliency (mean of 3)", fontsize=8)
             ax.set_title(f"qid {qid}: {gate_name('*', kind)} (grey: relevant clips)", fontsize=9, loc="left")
             ax.set_ylabel("gate")
             if i == len(chosen) - 1:
                 ax.set_xlabel("clip (2 s)")
             if i == 0 and j == 0:
                 ax.legend(fontsize=7, loc="lower left", ncol=2)
-    fig.suptitle("Gates along the video, relevant clips shaded grey, saliency dotted red", fontsize=11)
+    fig.suptitle("Gates along the video, relevant clips shaded grey, saliency dotted black (right axis)", fontsize=11)
     return save_png(fig, path)

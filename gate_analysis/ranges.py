@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from qd_detr.gates import DEFAULT_KINDS, GATE_KINDS, GateRange, gate_name
 
 __all__ = ["TANH", "DEFAULT_KINDS", "GateThresholds", "as_range", "resolve_ranges", "ranges_as_dict",
-           "ranges_from_meta", "kind_range", "reference", "thresholds", "meaning", "short_meaning",
+           "ranges_from_meta", "kind_range", "reference", "thresholds", "short_meaning",
            "describe_ranges", "range_key"]
 
 #: The range of a v1 gate, assumed for stores and runs that declare none.
@@ -134,26 +134,8 @@ def _g(v):
     return f"{v:.3g}"
 
 
-def meaning(rng, kind=None):
-    """One sentence: what the values of a gate with range ``rng`` (kind ``kind``) mean."""
-    if kind == "beta":
-        return (f"FiLM shift in [{_g(rng.low)}, {_g(rng.high)}] added to the FFN output of every clip: 0 = no "
-                "shift; the sign is the direction of the shift")
-    if rng.film:
-        return (f"FiLM FFN gate g in [{_g(rng.low)}, {_g(rng.high)}], branch weight 1 + g: g = 0 means weight 1 "
-                "(the FFN branch used as is), not off; > 0 amplified, < 0 damped")
-    if rng.activation == "sigmoid":
-        bound = rng.high if rng.high > 0 else rng.low
-        sign = "never negative" if bound > 0 else "never positive"
-        return (f"sigmoid between 0 and {_g(bound)}, {sign}: near 0 = audio ignored, "
-                f"near {_g(bound)} = fully used")
-    name = "tanh" if rng.activation == "tanh" else "scaled tanh"
-    return (f"{name} in [{_g(rng.low)}, {_g(rng.high)}]: > 0 audio added, < 0 audio subtracted, "
-            "near 0 = audio ignored")
-
-
 def short_meaning(rng, kind=None):
-    """A colour-bar sized version of ``meaning`` (at most two short lines)."""
+    """A colour-bar sized version of ``GateRange.meaning`` (at most two short lines)."""
     if kind == "beta":
         return "FiLM shift: red +, blue −, white none"
     if rng.film:
@@ -170,7 +152,7 @@ def describe_ranges(ranges):
     groups = {}
     for key, rng in ranges.items():
         layer, kind = range_key(key)
-        groups.setdefault((kind, meaning(as_range(rng), kind)), []).append(layer)
+        groups.setdefault((kind, as_range(rng).meaning()), []).append(layer)
     lines = []
     for (kind, text), layers in sorted(groups.items(), key=lambda kv: (_kind_order(kv[0][0]), min(kv[1]))):
         which = "layer" if len(layers) == 1 else "layers"

@@ -3,12 +3,11 @@ and Mann-Whitney U p-values.
 
 Every function takes 1-D array-likes (``spearman_rows``: a [G, T] matrix against a [T] vector), works in
 float64 and returns NaN where the statistic is undefined (too few values, a constant side, NaN input)
-instead of raising or warning.
+instead of raising or warning. ``scipy.stats`` (about 1 s to import) is imported when first needed.
 """
 import warnings
 
 import numpy as np
-from scipy import stats
 
 __all__ = ["midranks", "auroc", "spearman", "spearman_rows", "wilcoxon", "paired_wilcoxon", "mann_whitney"]
 
@@ -54,6 +53,7 @@ def spearman(x, y):
     x, y = x[ok], y[ok]
     if x.size < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return float("nan"), float("nan"), int(x.size)
+    from scipy import stats
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         res = stats.spearmanr(x, y)
@@ -66,6 +66,7 @@ def spearman_rows(x, y, x_ranks=None):
     NaN where a row or ``y`` is constant or T < 3. Rows with non-finite values go through ``spearman``.
     ``x_ranks``: ``rankdata(x, axis=1)`` when already computed. Returns (rho [G], p [G])."""
     g, t = x.shape
+    from scipy import stats
     rho, p = np.full(g, np.nan), np.full(g, np.nan)
     finite = np.isfinite(x).all(axis=1) & bool(np.isfinite(y).all())
     for i in np.flatnonzero(~finite):
@@ -90,6 +91,7 @@ def wilcoxon(values, center):
     d = d[np.isfinite(d)] - center
     if d.size < 2 or np.all(d == 0):
         return float("nan")
+    from scipy import stats
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -115,6 +117,7 @@ def mann_whitney(a, b):
     a, b = a[np.isfinite(a)], b[np.isfinite(b)]
     if a.size < 1 or b.size < 1:
         return float("nan")
+    from scipy import stats
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:

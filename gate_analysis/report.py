@@ -2,8 +2,10 @@
 
 ``write_report(folder)`` reads whatever the folder holds (``run.json``, metrics, the gate CSVs, the
 ablation / ground-truth / performance / comparison CSVs and ``plots/*.png``) and writes a single
-HTML file: inline CSS, every figure embedded as a base64 ``data:image/png`` URI, no script and no
-external resource, so it can be mailed or archived alone. Sections without their inputs are left out.
+HTML file: inline CSS, every figure embedded as a base64 ``data:image/png`` URI, the explorer's data
+and script inline (``gate_analysis.report_explore``: a sortable, filterable table of queries and videos,
+one video's timeline on a click) and no external resource, so it can be mailed or archived alone.
+Sections without their inputs are left out.
 """
 import base64
 import datetime
@@ -15,6 +17,7 @@ import pandas as pd
 
 from qd_detr.io import write_text
 
+from .manifest import query_dependence_text
 from .outputs import (
     ABLATION_OVERALL_FILE,
     ABLATION_PLOTS,
@@ -41,6 +44,7 @@ from .outputs import (
 __all__ = ["write_report", "build_report", "REPORT_FILE"]
 
 MAX_ROWS = 60
+TOP_CORRELATIONS = 10  # correlations shown; the explorer has the per-query values
 
 _CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1180px;color:#222;
@@ -157,6 +161,8 @@ def _ranges_html(run, folder, layer_table):
     ranges = resolve_ranges(declared, sorted({l for l, _ in keys}), list(dict.fromkeys(k for _, k in keys)))
     lines = describe_ranges({k: ranges[k] for k in keys})
     note = "" if declared else " (no ranges recorded: read as v1 tanh gates)"
+    if (run.get("source") or {}).get("gate_ranges_declared") is False:
+        note = " (not declared in a gate log: read as tanh [-1, 1])"
     items = "".join(f"<li>{_esc(line)}</li>" for line in lines)
     return f"<p><b>Reading the gates{_esc(note)}:</b></p><ul class='muted'>{items}</ul>"
 
@@ -186,10 +192,18 @@ def build_report(folder, run=None):
                 ("queries analysed", (run.get("counts") or {}).get("queries", data.get("n_queries"))),
                 ("feature folders", json.dumps(data.get("feature_dirs")) if data.get("feature_dirs") else None),
                 ("batching", f"{batching.get('policy')} ({batching.get('n_batches')} batches of up to "
-                             f"{batching.get('batch_size')})" if batching else None),
+                             f"{batching.get('batch_size')})" if batching.get("n_batches") else batching.get("policy")),
                 ("environment", ", ".join(f"{k} {v}" for k, v in env.items()) if env else None)])
     if run.get("runs"):
         prov += _table(pd.DataFrame(run["runs"]))
+    source = run.get("source") or {}
+    if source:  # gate_analysis.gate_log_run: gates read from a gate log, no model
+        prov += _kv([("gate log", source.get("path")), ("gate log sha256", source.get("sha256")),
+                     ("model ran", "no" if source.get("model_ran") is False else None),
+                     ("predictions", (source.get("predictions") or {}).get("path"))])
+        notes = "".join(f"<li>{_esc(n)}</li>" for n in source.get("not_recorded") or [])
+        if notes:
+            prov += f"<p><b>Not in the gate log</b> (never filled in):</p><ul class='muted'>{notes}</ul>"
     if run.get("arguments"):
         args = "".join(f"<tr><td>{_esc(k)}</td><td>{_esc(v)}</td></tr>" for k, v in run["arguments"].items()
                        if v not in (None, False, [], ""))
@@ -202,25 +216,34 @@ def build_report(folder, run=None):
                          _table(pd.DataFrame([{"metric": k, "value": v} for k, v in brief.items()]))))
 
     if run.get("reproduction"):  # gate_analysis.reproduction: the verdict against the original run's predictions
-        from .reproduction import reproduction_html
+        from .reproduction_report import reproduction_html
         sections.append(("reproduction", "Reproduction of the original predictions",
                          reproduction_html(run["reproduction"])))
 
     layer = _read_csv(folder, STATS_CSV_FILES["per_layer"])
     if layer is not None and len(layer):
-        q = layer[layer["weighting"] == "query"] if "weighting" in layer else layer
-        body = ("<p class='muted'>Statistics of the per-query mean gate (each query counts once). Fractions: "
+        q = layer[layer["weighting"] == "video"] if "weighting" in layer else layer
+        dependence = ""
+        if run.get("query_dependence"):
+            text = query_dependence_text(run["query_dependence"], run.get("batching", {}).get("policy"))
+            dependence = f"<p><b>Query dependence:</b> {html.escape(text)}.</p>"
+        body = (dependence + "<p class='muted'>Statistics of the per-video mean gate (each video counts once). Fractions: "
                 "positive / negative / near zero relative to 10% of each gate's declared range, saturated within 5% "
                 "of a bound (empty where the gate cannot take such values, e.g. negative sigmoid gates).</p>"
                 + _ranges_html(run, folder, q) +
-                _table(q, columns=["name", "n_queries", "mean", "std", "min", "max", "frac_positive", "frac_negative",
+                _table(q, columns=["name", "n_videos", "mean", "std", "min", "max", "frac_positive", "frac_negative",
                                    "frac_near_zero", "frac_saturated"]))
         rk = _read_csv(folder, STATS_CSV_FILES["rankings"])
         if rk is not None and len(rk):
             sel = rk[(rk["layer"].astype(str) == "all") & (rk["rank"] <= 5)]
-            body += "<h3>Top and bottom 5 queries by mean gate (all layers)</h3>" + _table(
-                sel, columns=["gate", "rank_type", "rank", "qid", "vid", "mean"])
+            body += ("<h3>Top and bottom 5 videos by |mean gate| averaged over layers</h3>" + _table(
+                sel, columns=["gate", "rank_type", "rank", "vid", "n_queries", "qid", "value"]))
         sections.append(("gates", "Gate statistics per layer", body))
+
+    from .report_explore import explore_html
+    explorer = explore_html(folder, run)
+    if explorer:
+        sections.append(("explore", "Explore videos and queries", explorer))
 
     contrib_path = os.path.join(folder, CONTRIBUTIONS_FILE)
     if os.path.isfile(contrib_path):
@@ -292,7 +315,12 @@ def build_report(folder, run=None):
         if len(corr):
             sel = corr[corr["layer"].astype(str) == "all"].copy()
             sel = sel.reindex(sel["rho"].abs().sort_values(ascending=False).index)
-            body += _table(sel, columns=["name", "x", "y", "intervention", "n", "rho", "p_value"])
+            body += ("<h3>Strongest correlations (all layers, by |rho|)</h3>"
+                     + _table(sel, max_rows=TOP_CORRELATIONS, columns=["name", "x", "y", "intervention", "n", "rho",
+                                                                       "p_value"])
+                     + "<p class='muted'>Every correlation, per layer too: gate_performance_correlations.csv. Each "
+                     "query's metrics beside its video's gates: <a href='#explore'>Explore videos and queries</a>."
+                     "</p>")
         body += figs(_take_plots(plots, _SECTION_PLOTS["performance"], used))
         sections.append(("performance", "Gates vs performance", body))
 

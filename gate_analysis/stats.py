@@ -30,25 +30,20 @@ Conventions
 import math
 
 import numpy as np
-import pandas as pd
 
 from qd_detr.gates import DEFAULT_KINDS, gate_name
 
 from .binning import count_sorted, search_points, sorted_nan_counts, sorted_percentiles
 from .gate_arrays import PER_CLIP_GATING_TYPES, as_qid, check_gating_type, validate_gates
 from .ranges import resolve_ranges, thresholds
-from .stats_csv import CSV_COLUMNS, CSV_FILES, empty_frame
+from .stats_tables import QUERY_STAT_NAMES, VIDEO_TOLERANCE, StatsTables
 
 __all__ = ["GateStatsAccumulator", "QUERY_STAT_NAMES", "accumulate_gate_run"]
 
-QUERY_STAT_NAMES = ("count", "mean", "std", "min", "p5", "p25", "median", "p75", "p95", "max",
-                    "frac_positive", "frac_negative", "frac_near_zero", "frac_saturated")
 _PCTS = (0.0, 5.0, 25.0, 50.0, 75.0, 95.0, 100.0)  # min, p5, p25, median, p75, p95, max in one call
-_FRACS = ("frac_positive", "frac_negative", "frac_near_zero", "frac_saturated")
-_ALL = "all"
 
 
-class GateStatsAccumulator:
+class GateStatsAccumulator(StatsTables):
     """Streamed gate statistics (see the module docstring).
 
     Args:
@@ -109,6 +104,7 @@ class GateStatsAccumulator:
         self.neg_threshold = float(neg_threshold)
         self.near_zero_threshold = float(near_zero_threshold)
         self.saturation_threshold = float(saturation_threshold)
+        self._magnitudes = np.array([max(self._ranges[k].magnitude, 1e-12) for k in self.keys])
         self.thresholds = {key: thresholds(rng, self.pos_threshold, self.neg_threshold, self.near_zero_threshold,
                                            self.saturation_threshold) for key, rng in self._ranges.items()}
         # fractions a gate cannot have (a sigmoid gate is never negative) are NaN, not 0
@@ -149,6 +145,11 @@ class GateStatsAccumulator:
         self._row_nclips = np.zeros(0, dtype=np.int64)
         self._row_vids = []
         self._n_rows = 0
+        # videos: the row of each video's first query; repeats (same gates as that row) add no aggregate
+        self._video_row = {}
+        self._row_repeat = []          # per row: True when it repeats its video's first query
+        self._video_max_diff = 0.0     # largest summary difference between queries of one video
+        self._videos_differing = set()
 
     # -- accumulation ----------------------------------------------------------------------------
     @property
@@ -225,18 +226,45 @@ class GateStatsAccumulator:
         n = x.shape[1]
         row = np.full((g, len(QUERY_STAT_NAMES)), np.nan)
         row[:, 0] = n
+        vid = "" if vid is None else str(vid)
+        repeat = False
         if n:
             with np.errstate(invalid="ignore", over="ignore"):
-                self._update_values(x, t, row)
+                parts = self._summarise(x, row)
+                repeat = self._is_repeat(vid, row)
+                if not repeat:
+                    self._aggregate(x, t, row, parts)
+        if vid and vid not in self._video_row:
+            self._video_row[vid] = self._n_rows
+        self._row_repeat.append(repeat)
         self._grow_rows(self._n_rows + 1)
         self._rows[self._n_rows] = row
         self._row_qids[self._n_rows] = int(qid)
         self._row_nclips[self._n_rows] = t
-        self._row_vids.append("" if vid is None else str(vid))
+        self._row_vids.append(vid)
         self._n_rows += 1
         return self
 
-    def _update_values(self, x, t, row):
+    def _is_repeat(self, vid, row):
+        """True when ``row`` (a query's [G, stats] summary) equals that of its video's first query within
+        ``VIDEO_TOLERANCE`` x each gate's range magnitude (the layouts compute gates from video and audio
+        only; batching changes them by float rounding, about 1e-7). Records the differences."""
+        first = self._video_row.get(vid) if vid else None
+        if first is None:
+            return False
+        ref = self._rows[first]
+        if ref[0, 0] != row[0, 0]:
+            self._videos_differing.add(vid)
+            return False
+        diff = float(np.nanmax(np.abs(row[:, 1:10] - ref[:, 1:10]) / self._magnitudes[:, None], initial=0.0))
+        self._video_max_diff = max(self._video_max_diff, diff)
+        if diff > VIDEO_TOLERANCE:
+            self._videos_differing.add(vid)
+            return False
+        return True
+
+    def _summarise(self, x, row):
+        """Fill ``row`` ([G, stats]) from ``x`` ([G, n] float32); returns the sums and counts ``_aggregate`` adds."""
         g, n = x.shape
         # float64 accumulation straight from float32 (no full-size float64 temporaries)
         f64 = np.float64
@@ -247,6 +275,22 @@ class GateStatsAccumulator:
         # population std (ddof=0) from float64 sums; exact products of float32 values, so the
         # cancellation error (~1e-16 absolute in the variance) is far below float32 resolution
         row[:, 2] = np.sqrt(np.maximum(ss / n - mean * mean, 0.0))
+        # order statistics: sort each float32 row once (NaN last); interpolate in float64
+        xs = np.sort(x, axis=1)
+        n_nan = sorted_nan_counts(xs)
+        pct = sorted_percentiles(xs, _PCTS, n_nan)
+        row[:, 3:10] = pct
+        # exact histogram counts and threshold fractions from the sorted rows
+        hist, counts = count_sorted(xs, self._search_points(), self.bins, n_nan)
+        row[:, 10:14] = counts / n * self._frac_mask
+        return s, ss, hist, counts
+
+    def _aggregate(self, x, t, row, parts):
+        """Add one query's values (``x`` [G, n], ``t`` clips) and summaries to the layer, histogram, clip-position
+        and dim aggregates."""
+        s, ss, hist, counts = parts
+        g, n = x.shape
+        f64 = np.float64
         self._n += n
         self._sum += s
         self._sumsq += ss
@@ -268,20 +312,12 @@ class GateStatsAccumulator:
                 self._dim_sumsq += np.einsum("gtd,gtd->gd", x3, x3, dtype=f64)
                 self._dim_min = np.minimum(self._dim_min, x3.min(axis=1))
                 self._dim_max = np.maximum(self._dim_max, x3.max(axis=1))
-        # order statistics: sort each float32 row once (NaN last); interpolate in float64
-        x.sort(axis=1)
-        n_nan = sorted_nan_counts(x)
-        pct = sorted_percentiles(x, _PCTS, n_nan)
-        row[:, 3:10] = pct
-        # exact histogram counts and threshold fractions from the sorted rows
-        hist, counts = count_sorted(x, self._search_points(), self.bins, n_nan)
         self._hist += hist
-        fracs = counts / n * self._frac_mask
-        row[:, 10:14] = fracs
-        self._min = np.minimum(self._min, pct[:, 0])
-        self._max = np.maximum(self._max, pct[:, -1])
+        self._min = np.minimum(self._min, row[:, 3])
+        self._max = np.maximum(self._max, row[:, 9])
         self._frac_counts += counts
-        # query-weighted sums (queries with no values are skipped)
+        # video-weighted sums of the per-video means (a repeated video is not added again)
+        mean, fracs = row[:, 1], row[:, 10:14]
         self._nq += 1
         self._qsum += mean
         self._qsumsq += mean * mean
@@ -318,6 +354,11 @@ class GateStatsAccumulator:
             self._dim_min = np.minimum(self._dim_min, other._dim_min)
             self._dim_max = np.maximum(self._dim_max, other._dim_max)
         k = other._n_rows
+        for vid, r in other._video_row.items():  # a video in both is aggregated once per accumulator
+            self._video_row.setdefault(vid, r + self._n_rows)
+        self._row_repeat.extend(other._row_repeat)
+        self._video_max_diff = max(self._video_max_diff, other._video_max_diff)
+        self._videos_differing |= other._videos_differing
         self._grow_rows(self._n_rows + k)
         self._rows[self._n_rows:self._n_rows + k] = other._rows[:k]
         self._row_qids[self._n_rows:self._n_rows + k] = other._row_qids[:k]
@@ -343,163 +384,6 @@ class GateStatsAccumulator:
         agg = sum(v.nbytes for k, v in vars(self).items() if isinstance(v, np.ndarray) and k not in per_query)
         return {"aggregates": int(agg),
                 "per_query": int(sum(getattr(self, k).nbytes for k in per_query))}
-
-    # -- results ---------------------------------------------------------------------------------
-    def _id_frame(self, repeat=1):
-        layers = np.repeat([l for l, _ in self.keys], repeat)
-        kinds = np.repeat([k for _, k in self.keys], repeat)
-        return pd.DataFrame({"layer": layers.astype(np.int64), "gate": kinds.astype(str),
-                             "name": np.repeat([gate_name(*k) for k in self.keys], repeat).astype(str)})
-
-    def query_stats(self):
-        """One row per query x layer x gate: qid, vid, layer, gate, name, n_clips, count, mean, std
-        (ddof=0), min, p5, p25, median, p75, p95, max, frac_positive, frac_negative, frac_near_zero,
-        frac_saturated (see ``CSV_COLUMNS['gate_stats_per_query.csv']``)."""
-        nr, g = self._n_rows, len(self.keys)
-        if nr == 0:
-            return empty_frame(CSV_FILES["per_query"])
-        ids = self._id_frame()
-        df = pd.DataFrame({
-            "qid": np.repeat(self._row_qids[:nr], g),
-            "vid": np.repeat(np.array(self._row_vids, dtype=object), g).astype(str),
-            "layer": np.tile(ids["layer"].to_numpy(), nr),
-            "gate": np.tile(ids["gate"].to_numpy(dtype=object), nr).astype(str),
-            "name": np.tile(ids["name"].to_numpy(dtype=object), nr).astype(str),
-            "n_clips": np.repeat(self._row_nclips[:nr], g),
-        })
-        vals = self._rows[:nr].reshape(nr * g, -1)
-        for j, c in enumerate(QUERY_STAT_NAMES):
-            df[c] = vals[:, j]
-        df["count"] = df["count"].astype(np.int64)
-        return df
-
-    def layer_stats(self):
-        """Two rows per layer x gate (weighting "query" and "clip"); columns in
-        ``CSV_COLUMNS['gate_stats_per_layer.csv']``."""
-        if self._nq == 0:
-            return empty_frame(CSV_FILES["per_layer"])
-        with np.errstate(invalid="ignore", divide="ignore"):
-            nq = self._nq
-            qmean = self._qsum / nq
-            qstd = np.sqrt(np.maximum(self._qsumsq / nq - qmean ** 2, 0.0))
-            n = self._n
-            cmean = self._sum / n
-            cstd = np.sqrt(np.maximum(self._sumsq / n - cmean ** 2, 0.0))
-            cfrac = self._frac_counts / n[:, None] * self._frac_mask
-            qfrac = self._qfrac_sum / nq
-        frames = []
-        for weighting, mean, std, mn, mx, fr in (("query", qmean, qstd, self._qmin, self._qmax, qfrac),
-                                                 ("clip", cmean, cstd, self._min, self._max, cfrac)):
-            df = self._id_frame()
-            df["weighting"] = weighting
-            df["n_queries"] = np.int64(nq)
-            df["n_values"] = n.astype(np.int64)
-            df["mean"], df["std"] = mean, std
-            df["min"] = np.where(np.isfinite(mn), mn, np.nan)
-            df["max"] = np.where(np.isfinite(mx), mx, np.nan)
-            for j, c in enumerate(_FRACS):
-                df[c] = fr[:, j]
-            df["n_underflow"] = self._hist[:, self.bins]
-            df["n_overflow"] = self._hist[:, self.bins + 1]
-            df["_order"] = np.arange(len(df))
-            frames.append(df)
-        df = pd.concat(frames, ignore_index=True).sort_values(["_order", "weighting"], ascending=[True, False],
-                                                              kind="stable")
-        return df.drop(columns="_order").reset_index(drop=True)
-
-    def histograms(self):
-        """Exact fixed-bin histograms per layer x gate: ``bins`` rows of bin_type "bin", then one
-        "underflow", "overflow" and "nan" row each (see ``CSV_COLUMNS['gate_histograms.csv']``).
-        The counts of all rows of a gate sum to the number of values. Edges are reported as
-        ``np.linspace(lo, hi, bins + 1)`` (float64); values are binned exactly as np.histogram bins
-        float32 input (float32 edges, which differ from these by less than one float32 ulp)."""
-        nb = self.bins
-        lefts, rights = [], []
-        for key in self.keys:
-            lo, hi = self.hist_ranges[key]
-            edges = np.linspace(lo, hi, nb + 1)
-            lefts.append(np.concatenate([edges[:-1], [-np.inf, hi, np.nan]]))
-            rights.append(np.concatenate([edges[1:], [lo, np.inf, np.nan]]))
-        types = np.array(["bin"] * nb + ["underflow", "overflow", "nan"], dtype=object)
-        g = len(self.keys)
-        df = self._id_frame(repeat=nb + 3)
-        df["bin_type"] = np.tile(types, g).astype(str)
-        df["bin_left"] = np.concatenate(lefts)
-        df["bin_right"] = np.concatenate(rights)
-        df["count"] = self._hist.reshape(-1)
-        return df
-
-    def clip_position_stats(self):
-        """Per layer x gate x clip index t: n_queries, n_values, mean, std (ddof=0), min, max over the
-        queries having clip t (and all dims). Empty (right columns) for per-query gating."""
-        t = self._pos_nq.size
-        if t == 0:
-            return empty_frame(CSV_FILES["per_clip_position"])
-        df = self._id_frame(repeat=t)
-        g = len(self.keys)
-        nv = np.tile(self._pos_nv, g).astype(np.float64)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = self._pos_sum.reshape(-1) / nv
-            std = np.sqrt(np.maximum(self._pos_sumsq.reshape(-1) / nv - mean ** 2, 0.0))
-        df["clip"] = np.tile(np.arange(t), g)
-        df["n_queries"] = np.tile(self._pos_nq, g)
-        df["n_values"] = np.tile(self._pos_nv, g)
-        df["mean"], df["std"] = mean, std
-        df["min"], df["max"] = self._pos_min.reshape(-1), self._pos_max.reshape(-1)
-        return df
-
-    def dim_stats(self):
-        """Per layer x gate x feature dim (elementwise): n_values, mean, std (ddof=0), min, max over all
-        valid clips of all queries. Empty (right columns) otherwise."""
-        if self._dim_sum is None:
-            return empty_frame(CSV_FILES["per_dim"])
-        d = self.hidden_dim
-        g = len(self.keys)
-        df = self._id_frame(repeat=d)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = self._dim_sum.reshape(-1) / self._dim_n
-            std = np.sqrt(np.maximum(self._dim_sumsq.reshape(-1) / self._dim_n - mean ** 2, 0.0))
-        df["dim"] = np.tile(np.arange(d), g)
-        df["n_values"] = np.int64(self._dim_n)
-        df["mean"], df["std"] = mean, std
-        df["min"], df["max"] = self._dim_min.reshape(-1), self._dim_max.reshape(-1)
-        return df
-
-    def rankings(self, n=10):
-        """Top and bottom queries by mean gate, per layer x gate and per gate kind over all layers
-        (``layer == "all"``: the query's mean of its per-layer means; each gate kind ranked separately).
-
-        With N ranked queries (NaN means are skipped), "top" has ``min(n, ceil(N/2))`` rows and
-        "bottom" ``min(n, N - n_top)`` rows, taken from the two ends of one ordering (mean descending,
-        ties by recorded order), so a query is never both top and bottom."""
-        cols = list(CSV_COLUMNS[CSV_FILES["rankings"]])
-        nr = self._n_rows
-        if nr == 0 or n < 1:
-            return empty_frame(CSV_FILES["rankings"])
-        means = self._rows[:nr, :, QUERY_STAT_NAMES.index("mean")]  # [N, G]
-        vids = np.array(self._row_vids, dtype=object)
-        out = []
-
-        def rank(layer, kind, m):
-            valid = np.flatnonzero(~np.isnan(m))
-            order = valid[np.argsort(-m[valid], kind="stable")]
-            n_top = min(n, math.ceil(order.size / 2))
-            n_bot = min(n, order.size - n_top)
-            for rank_type, sel in (("top", order[:n_top]), ("bottom", order[::-1][:n_bot])):
-                for r, i in enumerate(sel, start=1):
-                    out.append((layer, kind, gate_name(layer, kind), rank_type, r, int(self._row_qids[i]),
-                                vids[i], float(m[i])))
-
-        for layer in self.layers:
-            for kind in self.kinds:
-                rank(layer, kind, means[:, self.keys.index((layer, kind))])
-        for kind in self.kinds:
-            idx = [self.keys.index((l, kind)) for l in self.layers]
-            rank(_ALL, kind, means[:, idx].mean(axis=1))
-        df = pd.DataFrame(out, columns=cols)
-        df["layer"] = df["layer"].astype(object)
-        df["vid"] = df["vid"].astype(str)
-        return df
 
 
 def accumulate_gate_run(run, qids=None, **kwargs):

@@ -351,8 +351,15 @@ class GateRun:
     def __len__(self):
         return len(self.qids)
 
+    @staticmethod
+    def _qid(qid):
+        """A qid as the store keys it (an int): ``5000``, ``np.int64(5000)`` and ``"5000"`` are the same query."""
+        if isinstance(qid, str) and qid.strip().lstrip("-").isdigit():
+            return int(qid)
+        return int(qid) if isinstance(qid, np.integer) else qid
+
     def __contains__(self, qid):
-        return qid in self._shard_of
+        return self._qid(qid) in self._shard_of
 
     # -- access ----------------------------------------------------------------------------------
     def _shard(self, name):
@@ -367,6 +374,7 @@ class GateRun:
         return z
 
     def _check(self, qid, layer=None, kind=None):
+        qid = None if qid is None else self._qid(qid)
         if qid is not None and qid not in self._shard_of:
             raise KeyError(f"qid {qid!r} is not in the gate run {self.path} ({len(self.qids)} queries)")
         if layer is not None and layer not in self.layers:
@@ -382,11 +390,13 @@ class GateRun:
     def gate(self, qid, layer, kind):
         """float32 gates of one query: global (1,), clipwise (T,), elementwise (T, D)."""
         self._check(qid, layer, kind)
+        qid = self._qid(qid)
         return self._shard(self._shard_of[qid])[f"{qid}/{gate_name(layer, kind)}"]
 
     def gates(self, qid):
         """``{(layer, kind): array}`` of one query."""
         self._check(qid)
+        qid = self._qid(qid)
         z = self._shard(self._shard_of[qid])
         return {(l, k): z[f"{qid}/{gate_name(l, k)}"] for l in self.layers for k in self.kinds}
 
@@ -394,6 +404,7 @@ class GateRun:
         """Yield ``(qid, vid, gates_dict)`` in recorded order (or in the order of ``qids``)."""
         for qid in (self.qids if qids is None else qids):
             self._check(qid)
+            qid = self._qid(qid)
             yield qid, self.vids[qid], self.gates(qid)
 
     def frame(self, qids=None, reduce_dims=False):

@@ -6,8 +6,8 @@ and diagstrip (sigmoid) branches cannot be told apart from keys, shapes or attri
 readings are proved and the outputs decide (``variant_readings``, ``variant_outcome``).
 """
 from qd_detr.config import FUSION_VARIANTS, GATING_TYPES, SSM_OPTIONS
-from qd_detr.errors import ConfigError
-from qd_detr.keys import FUSION_SCOPE_PREFIX, GATING_AMBIGUITY, IncompatibleModelError, describe_state_dict
+from qd_detr.errors import ConfigError, IncompatibleModelError
+from qd_detr.keys import FUSION_SCOPE_PREFIX, GATING_AMBIGUITY, describe_state_dict
 
 from .module_attributes import child_module
 

@@ -8,8 +8,8 @@ package ``gate_analysis`` (see ``qd_detr.extensions``).
 """
 from .checkpoint import LoadedCheckpoint, load_checkpoint
 from .config import make_options
-from .errors import CheckpointError, ConfigError, DataError, ToolkitError
-from .model import QDDETR, NoFusionError, build_model
+from .errors import CheckpointError, ConfigError, DataError, NoFusionError, ToolkitError
+from .model import QDDETR, build_model
 
 __all__ = ["load_checkpoint", "LoadedCheckpoint", "build_model", "QDDETR", "make_options", "ToolkitError",
            "CheckpointError", "ConfigError", "DataError", "NoFusionError"]

@@ -9,6 +9,9 @@ A callback is any object with these methods (subclass ``TrainCallback`` and over
   evaluated and saved; ``last`` is True for the run's final epoch. A dict is merged into that
   epoch's ``history`` entry of ``train_summary.json``.
 * ``summary() -> dict``: entries merged into ``train_summary.json``.
+* ``set_summary_writer(writer)`` (optional): called before ``on_train_start`` with the run's
+  TensorBoard ``SummaryWriter`` (``RESULTS/tensorboard_log/``), or None when TensorBoard logging is
+  off; a callback may add its own summaries (step = completed epochs) and must not close it.
 
 ``callbacks_from_options(opt)`` builds the callbacks the training options ask for: with
 ``gate_monitor_every`` N a ``GateMonitorCallback``, which drives the analysis package's gate
@@ -33,6 +36,9 @@ class TrainCallback:
     def summary(self):
         return {}
 
+    def set_summary_writer(self, writer):
+        pass
+
 
 class GateMonitorCallback(TrainCallback):
     """Capture the fusion gates of fixed validation queries during training.
@@ -42,7 +48,8 @@ class GateMonitorCallback(TrainCallback):
     and figures (``gate_analysis.monitor.GateMonitor``). ``qids``: the validation qids to track, else
     the first ``n``; ``batch_size``: queries per capture batch; ``plots``: per-epoch figures.
     ``monitor_class``: the monitor to drive (default: the one ``GATE_MONITOR`` names, imported when
-    training starts).
+    training starts). With a TensorBoard writer (``set_summary_writer``) every capture also goes to
+    TensorBoard (the monitor's ``writer``: gate histograms and statistics at step ``n``).
     """
 
     def __init__(self, out_dir, every, qids=None, n=16, batch_size=32, plots=True, monitor_class=None):
@@ -51,12 +58,17 @@ class GateMonitorCallback(TrainCallback):
         self.qids, self.n, self.batch_size, self.plots = qids, n, batch_size, plots
         self.monitor_class = monitor_class
         self.monitor = None
+        self.writer = None
+
+    def set_summary_writer(self, writer):
+        self.writer = writer
 
     def on_train_start(self, model, eval_dataset, opt, start_epoch, resuming):
         cls = self.monitor_class or load_extension(GATE_MONITOR, "--gate_monitor_every")
+        extra = {} if self.writer is None else {"writer": self.writer}
         self.monitor = cls.from_dataset(model, eval_dataset, self.out_dir, every=self.every, qids=self.qids,
                                         n=self.n, batch_size=self.batch_size, plots=self.plots,
-                                        overwrite=not resuming, resume=resuming)
+                                        overwrite=not resuming, resume=resuming, **extra)
         if start_epoch <= 0:
             self.monitor.capture(0)
 

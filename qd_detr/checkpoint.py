@@ -36,12 +36,11 @@ from .config import (
     make_options,
     options_from_opt_json,
 )
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, IncompatibleModelError
 from .io import file_sha256
 from .keys import (
     GATING_AMBIGUITY,
     KEY_RENAMES,
-    IncompatibleModelError,
     KeyClassification,
     classify_keys,
     describe_state_dict,

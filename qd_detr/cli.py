@@ -4,15 +4,19 @@ Bad input (``ToolkitError``) is reported as one line on stderr, ``error: <messag
 and no traceback; Ctrl-C exits 130 with one line.
 """
 import argparse
+import contextlib
 import os
+import shlex
+import signal
 import sys
+import threading
 
 from .config import GATING_TYPES
 from .errors import ConfigError, ToolkitError
 
 __all__ = ["model_args", "data_args", "analysis_args", "add_model_args", "add_feature_args", "run_main",
            "prepare_output_dir", "prepare_output_file", "positive_int", "architecture_options",
-           "add_architecture_args", "ARCHITECTURE_OPTIONS"]
+           "add_architecture_args", "ARCHITECTURE_OPTIONS", "resume_command", "remove_if_empty", "stop_on_sigterm"]
 
 
 def positive_int(text):
@@ -91,8 +95,8 @@ def data_args():
                    help="query: every query's outputs equal running it alone (default); original: the "
                         "original inference's batches in file order, batch-dependent quirks included")
     g.add_argument("--skip_missing", action="store_true",
-                   help="skip queries whose feature files are missing (counted in the summary) "
-                        "instead of stopping")
+                   help="skip queries whose feature files are missing (with --gate_log: logged qids missing from "
+                        "--data_path), counted in the summary, instead of stopping")
     g.add_argument("--num_workers", type=int, default=0, help="data loading worker processes (default: 0)")
     return p
 
@@ -160,3 +164,49 @@ def prepare_output_file(path, overwrite=False):
         raise ConfigError(f"{path}: output file exists; pass --overwrite to replace it")
     _check_writable(os.path.dirname(path), "output")
     return path
+
+
+def _names_option(token, name, shortest):
+    """True when command-line ``token`` (``--opt`` or ``--opt=value``) is option ``name`` or an abbreviation
+    of it at least as long as ``shortest`` (the shortest prefix argparse would accept as unambiguous)."""
+    head = token.split("=", 1)[0]
+    return head.startswith(shortest) and name.startswith(head)
+
+
+def resume_command(argv, output_dir, script="run_gate_analysis.py"):
+    """The command that continues a run: ``argv`` without --overwrite and --output_dir, plus
+    ``--output_dir OUTPUT_DIR --resume`` (shell-quoted)."""
+    kept, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif _names_option(token, "--output_dir", "--ou"):
+            skip = "=" not in token
+        elif not _names_option(token, "--overwrite", "--ov") and not _names_option(token, "--resume", "--res"):
+            kept.append(token)
+    return shlex.join(["python", script, *kept, "--output_dir", os.fspath(output_dir), "--resume"])
+
+
+def remove_if_empty(path, created):
+    """Remove the folder ``path`` when this run ``created`` it and it is still empty (a run that stopped before
+    writing anything leaves nothing behind)."""
+    with contextlib.suppress(OSError):
+        if created and os.path.isdir(path) and not os.listdir(path):
+            os.rmdir(path)
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """Inside the block SIGTERM (a cluster's time limit, ``kill``) stops the run as Ctrl-C does, so it is
+    recorded as interrupted and can be resumed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

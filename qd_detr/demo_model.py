@@ -62,7 +62,7 @@ def train_demo_model(out_dir, seed=0, progress=False, log=None, gate_monitor_eve
     previous = torch.get_num_threads()
     torch.set_num_threads(int(threads))
     try:
-        summary = train(opt, opt_json, progress=progress, log=log or (lambda *a: None))
+        summary = train(opt, opt_json, progress=progress, log=log or (lambda *a: None), tensorboard=False)
     finally:
         torch.set_num_threads(previous)
     return summary["checkpoint_best"] or summary["checkpoint_latest"]

@@ -63,7 +63,7 @@ def iterate_batches(model, dataset, batches, device, num_workers=0, progress=Tru
     bar = tqdm(loader, total=len(batches), desc=desc, disable=not progress, file=sys.stderr, unit="batch",
                leave=leave)
     with recorder if recorder is not None else contextlib.nullcontext():
-        for indices, (metas, collated) in zip(batches, bar):
+        for (metas, collated), indices in zip(bar, batches):  # the bar first: it reaches its total at the end
             inputs = move_to_device(model_kwargs(collated), device)
             targets = move_to_device(collated.get("targets"), device) if with_targets else None
             if before_forward is not None:

@@ -4,7 +4,7 @@ Command-line tools catch ``ToolkitError`` and print ``str(exc)`` as one line on 
 with code 2. Messages name the file and the problem, and, where there is one, the fix.
 """
 
-__all__ = ["ToolkitError", "CheckpointError", "DataError", "ConfigError"]
+__all__ = ["ToolkitError", "CheckpointError", "DataError", "ConfigError", "IncompatibleModelError", "NoFusionError"]
 
 
 class ToolkitError(Exception):
@@ -21,3 +21,14 @@ class DataError(ToolkitError):
 
 class ConfigError(ToolkitError):
     """Options contradict each other or the checkpoint."""
+
+
+class IncompatibleModelError(CheckpointError):
+    """The model was read, but it cannot be made trackable without changing it (reason in the message)."""
+
+
+class NoFusionError(ConfigError):
+    """The model has no audio-visual fusion module, hence no gates.
+
+    Not an AttributeError on purpose: ``nn.Module.__getattr__`` would replace its message.
+    """

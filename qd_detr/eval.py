@@ -19,7 +19,7 @@ from .errors import ConfigError, DataError
 from .io import read_json_lines, write_json
 
 __all__ = ["IOU_THRESHOLDS", "LENGTH_BUCKETS", "HL_LEVELS", "eval_submission", "per_query_metrics",
-           "metrics_path_for", "main"]
+           "metrics_path_for", "write_metrics", "main"]
 
 IOU_THRESHOLDS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
 LENGTH_BUCKETS = {"short": (0, 10), "middle": (10, 30), "long": (30, 150)}  # window length in (lo, hi] s
@@ -346,7 +346,7 @@ def metrics_path_for(pred_path):
     return root + "_metrics.json"
 
 
-def _write_json_atomic(obj, path):
+def write_metrics(obj, path):
     """``qd_detr.io.write_json`` with a failure to write as a ConfigError naming ``path``."""
     try:
         write_json(path, obj)
@@ -371,7 +371,7 @@ def main(argv=None):
     prepared = _prepare(submission, gt, True, args.submission_path, args.gt_path)
     with contextlib.redirect_stdout(sys.stderr):
         results = _evaluate(*prepared, verbose=not args.not_verbose)
-    _write_json_atomic(results, save_path)
+    write_metrics(results, save_path)
     try:
         print(json.dumps(results["brief"], indent=4), flush=True)
     except BrokenPipeError:  # e.g. piped into head: the metrics file is already written

@@ -36,7 +36,7 @@ from .config import PER_CLIP_GATING_TYPES
 from .extensions import SAMPLE_COMPARISON_PLOT, load_extension
 from .io import write_json
 
-__all__ = ["GATE_KINDS", "DEFAULT_KINDS", "GATE_SHAPES", "gate_name", "GateRange", "GateRecord", "GateRecorder",
+__all__ = ["GATE_KINDS", "DEFAULT_KINDS", "GATE_SHAPES", "ALL_LAYERS", "gate_name", "GateRange", "GateRecord", "GateRecorder",
            "GateCaptureError", "GateTrackingMixin", "fusion_gating_type", "fusion_num_layers", "fusion_gate_kinds",
            "fusion_gate_ranges"]
 
@@ -54,6 +54,10 @@ GATE_SHAPES = {
     "clipwise": "(T,): one gate per valid clip, padding excluded",
     "elementwise": "(T, D): one gate per valid clip and feature dim, padding excluded",
 }
+
+
+#: The layer label of a value over all fusion layers in tables and names (``layers.all.gate_mha``).
+ALL_LAYERS = "all"
 
 
 def gate_name(layer, kind):
@@ -89,18 +93,20 @@ class GateRange:
         return max(abs(self.low), abs(self.high))
 
     def meaning(self):
-        """One sentence: what small and large values mean for this gate."""
-        if self.film:
-            return (f"branch weight 1 + g, g in [{self.low:.3g}, {self.high:.3g}]: g = 0 means weight 1 "
-                    "(the FFN branch fully used), not off; > 0 amplified, < 0 damped")
+        """One sentence: what small and large values of this gate mean."""
+        lo, hi = f"{self.low:.3g}", f"{self.high:.3g}"
         if self.shift:
-            return (f"FiLM shift added to every channel, in [{self.low:.3g}, {self.high:.3g}]: 0 = no shift, "
-                    "> 0 / < 0 moves the fused features up / down")
+            return (f"FiLM shift in [{lo}, {hi}] added to the FFN output of every clip: 0 = no shift; the sign is "
+                    "the direction of the shift")
+        if self.film:
+            return (f"FiLM FFN gate g in [{lo}, {hi}], branch weight 1 + g: g = 0 means weight 1 (the FFN branch "
+                    "used as is), not off; > 0 amplified, < 0 damped")
         if self.activation == "sigmoid":
-            return (f"in (0, {self.high:.3g}), never negative: near 0 = audio ignored, "
-                    f"near {self.high:.3g} = fully used")
-        return (f"in [{self.low:.3g}, {self.high:.3g}]: > 0 audio added, < 0 audio subtracted, "
-                "near 0 = audio ignored")
+            bound = f"{(self.high if self.high > 0 else self.low):.3g}"
+            sign = "never negative" if self.high > 0 else "never positive"
+            return f"sigmoid between 0 and {bound}, {sign}: near 0 = audio ignored, near {bound} = fully used"
+        name = "tanh" if self.activation == "tanh" else "scaled tanh"
+        return f"{name} in [{lo}, {hi}]: > 0 audio added, < 0 audio subtracted, near 0 = audio ignored"
 
     def as_dict(self):
         return {"activation": self.activation, "low": self.low, "high": self.high, "off": self.off,

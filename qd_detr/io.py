@@ -121,18 +121,49 @@ def atomic_directory(path):
 
 
 # ---------------------------------------------------------------------------------------- reading
+_JSONL_EXPECTED = "expected JSONL: one JSON object per line"
+
+
+def _array_message(path, doc):
+    return f"{path}: is a JSON array of {len(doc)} item{'s' if len(doc) != 1 else ''}, not JSONL; {_JSONL_EXPECTED}"
+
+
+def _not_jsonl(path, fh, first_line):
+    """Why a file whose first non-blank line is not a JSON object is not JSONL, when it is one JSON
+    document instead: a JSON array (``[`` ...) or one object spread over several lines (pretty-printed).
+    ``fh``: the open binary file (read to its end); returns None when the whole file is no JSON either."""
+    head = first_line.lstrip()
+    if not head.startswith(("[", "{")):
+        return None
+    try:
+        doc = json.loads(first_line + fh.read().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        doc = None
+    if isinstance(doc, list):
+        return _array_message(path, doc)
+    if doc is None and head.startswith("["):
+        return f"{path}: starts with '[' like a JSON array, not JSONL; {_JSONL_EXPECTED}"
+    if isinstance(doc, dict):
+        return f"{path}: holds one JSON object spread over several lines (pretty-printed JSON), not JSONL; " \
+               f"{_JSONL_EXPECTED}"
+    return None
+
+
 def iter_json_lines(path, what="file"):
     """Yield ``(line number, object)`` for every non-blank line of a JSON-lines file.
 
     Line numbers are 1-based; a UTF-8 byte-order mark is accepted. Every problem is a DataError that
     names the path (and the line): ``{what}`` not found, a folder, unreadable, not UTF-8, malformed
-    JSON, or a line that is not a JSON object.
+    JSON, or a line that is not a JSON object. A file that is one JSON document instead (a JSON array,
+    or one pretty-printed object) is said to be one, and every JSON problem says that JSONL (one JSON
+    object per line) is expected.
     """
     path = os.fspath(path)
     if os.path.isdir(path):
         raise DataError(f"{path}: is a folder, expected a JSONL {what}")
     try:
         with open(path, "rb") as fh:
+            first = True
             for lineno, raw in enumerate(fh, 1):
                 try:
                     line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
@@ -143,9 +174,15 @@ def iter_json_lines(path, what="file"):
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}: line {lineno}: malformed JSON ({exc.msg}, column {exc.colno})") from None
+                    why = _not_jsonl(path, fh, line) if first else None
+                    raise DataError(why or f"{path}: line {lineno}: malformed JSON ({exc.msg}, column {exc.colno}); "
+                                           f"{_JSONL_EXPECTED}") from None
                 if not isinstance(obj, dict):
-                    raise DataError(f"{path}: line {lineno}: expected a JSON object, got {type(obj).__name__}")
+                    if first and isinstance(obj, list) and not fh.read().strip():
+                        raise DataError(_array_message(path, obj))
+                    raise DataError(f"{path}: line {lineno}: expected a JSON object, got {type(obj).__name__}; "
+                                    f"{_JSONL_EXPECTED}")
+                first = False
                 yield lineno, obj
     except FileNotFoundError:
         raise DataError(f"{path}: {what} not found") from None

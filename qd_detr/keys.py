@@ -9,15 +9,11 @@ Nothing is copied from one layer to another and no missing weight is filled in.
 import re
 from dataclasses import dataclass
 
-from .errors import CheckpointError
+from .errors import CheckpointError, IncompatibleModelError
 
 __all__ = ["KEY_RENAMES", "normalize_state_dict", "describe_state_dict", "UNSUPPORTED_MARKERS", "KEY_TABLE",
            "LAYOUTS", "LAYOUT_MARKERS", "LAYOUT_DESCRIPTIONS", "FUSION_SCOPE_PREFIX", "CORE_GROUPS",
            "GATING_AMBIGUITY", "KeyClassification", "classify_keys", "unknown_keys_text", "IncompatibleModelError"]
-
-
-class IncompatibleModelError(CheckpointError):
-    """The model was read, but it cannot be made trackable without changing it (reason in the message)."""
 
 
 # ------------------------------------------------------------------------------------------------

@@ -12,20 +12,13 @@ from torch import nn
 from .avigate import AVIGATEFusion
 from .avigate_custom import AVIGATEFusionCustom
 from .config import check_options, fusion_layout, fusion_variant, gate_options
-from .errors import ConfigError
+from .errors import ConfigError, NoFusionError
 from .position_encoding import build_position_encoding
 from .transformer import MLP, build_transformer, inverse_sigmoid
 
 __all__ = ["QDDETR", "LinearLayer", "NoFusionError", "build_model", "BATCHING_MODES"]
 
 BATCHING_MODES = ("query", "original")
-
-
-class NoFusionError(ConfigError):
-    """The model has no audio-visual fusion module, hence no gates.
-
-    Not an AttributeError on purpose: ``nn.Module.__getattr__`` would replace its message.
-    """
 
 
 class LinearLayer(nn.Module):

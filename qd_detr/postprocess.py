@@ -7,15 +7,13 @@ to multiples of the 2 s clip length (round half to even), in float32 as the orig
 scores re-rounded to 4 decimals, no re-sort. Saliency: ``saliency_scores.half()`` trimmed to the
 valid clips.
 """
-import json  # noqa: F401  (tests/test_bad_inputs.py patches postprocess.json; the writers live in qd_detr.io)
-
 import torch
 
 from .io import write_json, write_jsonl
 from .span_utils import span_cxw_to_xx
 
 __all__ = ["submission_lines", "finalize_windows", "ambiguous_rows", "PROB_NOISE", "SPAN_NOISE",
-           # re-exported from qd_detr.io (their home)
+           # re-exported from qd_detr.io (their home): the original module's writers
            "write_jsonl", "write_json"]
 
 

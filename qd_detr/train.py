@@ -21,23 +21,29 @@ Outputs in ``--results_dir`` (original names and formats):
   train path contains "subs_train") and at each ``lr_drop``, without ``lr_scheduler``;
 - ``train.log.txt`` / ``eval.log.txt`` (original line formats), ``latest_hl_val_preds.jsonl`` and
   ``..._metrics.json`` (renamed to ``best_...`` when the model improves), ``train_summary.json``;
+- ``tensorboard_log/``: TensorBoard event files (when the tensorboard package is installed; off with
+  ``--no_tensorboard``) with the original tags, step = completed epochs: ``Train/lr``,
+  ``Train/{loss}``, ``Eval/{loss}``, ``Eval/{metric}`` and the text ``hyperparameters``
+  (``qd_detr.summary_writer``);
 - with ``--gate_monitor_every N``: ``gate_monitor/epoch_{n}/`` gate analyses (``n`` = completed
   epochs, 0 = untrained), ``gate_monitor/gate_evolution.csv`` and evolution plots
   (``gate_analysis.monitor``, driven through
-  ``qd_detr.callbacks.GateMonitorCallback``).
+  ``qd_detr.callbacks.GateMonitorCallback``), and in ``tensorboard_log/`` at step ``n`` one histogram
+  per gate (``gates/layers.{l}.gate_{kind}``) and its clip-weighted statistics
+  (``gates/layers.{l}.gate_{kind}/mean``, ...; ``gate_analysis.tensorboard_log``).
 
 Deviations from the original, each because the original cannot run here or to make runs usable:
 the device defaults to ``auto`` (``--device`` also takes ``cpu``, ``cuda[:N]`` and the original
-integers, -1 = cpu); ``--num_workers`` defaults to 0 (reproducible label sampling); no TensorBoard,
-code copies or ``code.zip``; the last epoch is always evaluated and saved; without ``--eval_path``
+integers, -1 = cpu); ``--num_workers`` defaults to 0 (reproducible label sampling); no code copies
+or ``code.zip``; TensorBoard is optional (without it training runs and says once that logging is off); the last epoch is always evaluated and saved; without ``--eval_path``
 ``model_latest.ckpt`` is still written at every evaluation interval; ``--batching query`` (default)
 trains with padding-aware gate pooling and attention masks, ``--batching original`` with the
 original batch-dependent behaviour; NMS (``--nms_thd``) and ``span_loss_type ce`` are not supported.
 Runs are deterministic for a given ``--seed`` on CPU.
 
 Modules: ``qd_detr.train_options`` (the parser and the saved options), ``qd_detr.trainer`` (the loop),
-``qd_detr.callbacks`` (per-epoch hooks such as the gate monitor), ``qd_detr.demo_model`` (the demo
-model). Their public names are importable from here too.
+``qd_detr.callbacks`` (per-epoch hooks such as the gate monitor), ``qd_detr.summary_writer``
+(TensorBoard), ``qd_detr.demo_model`` (the demo model). Their public names are importable from here too.
 """
 import os
 import sys
@@ -74,14 +80,16 @@ __all__ = ["main",
 
 def main(argv=None):
     """``python -m qd_detr.train``: parse, train (with the callbacks the options ask for), print where
-    the checkpoint and the gate evolution are."""
+    the checkpoint, the gate evolution and the TensorBoard logs are."""
     args = get_args_parser().parse_args(argv)
     opt, opt_json = options_from_args(args)
-    summary = train(opt, opt_json, progress=not args.quiet)
+    summary = train(opt, opt_json, progress=not args.quiet, tensorboard=not args.no_tensorboard)
     ckpt = summary["checkpoint_best"] or summary["checkpoint_latest"]
     print(f"trained {len(summary['history'])} epochs in {summary['seconds']} s; checkpoint: {ckpt}")
     if summary["gate_monitor"]:
         print(f"gate evolution: {os.path.join(summary['gate_monitor'], 'gate_evolution.csv')}")
+    if summary["tensorboard_log"]:
+        print(f"TensorBoard: tensorboard --logdir {summary['tensorboard_log']}")
     return 0
 
 

@@ -3,7 +3,8 @@
 Option names and defaults are the original ``qd_detr/config.py`` ones (``DEFAULT_OPTIONS``);
 ``--v_feat_dim`` is given without the 2 temporal endpoint features (TEF), ``--a_feat_dim`` with them,
 exactly as in the original scripts. ``options_from_args`` turns parsed arguments into the
-``argparse.Namespace`` saved in checkpoints and the dict saved as ``opt.json``.
+``argparse.Namespace`` saved in checkpoints and the dict saved as ``opt.json``; ``--no_tensorboard``
+stays out of both (``qd_detr.train.main`` passes it to ``train``).
 """
 import argparse
 import os
@@ -14,6 +15,7 @@ from .checkpoint import resolve_device
 from .config import DEFAULT_OPTIONS, FUSION_VARIANTS, GATING_TYPES, SSM_OPTIONS, V2_OPTIONS, check_options, make_options
 from .errors import ConfigError
 from .model import BATCHING_MODES
+from .summary_writer import TENSORBOARD_DIR
 
 __all__ = ["get_args_parser", "options_from_args", "opt_json_from", "parse_device", "TRAIN_LOG_FORMAT",
            "EVAL_LOG_FORMAT"]
@@ -156,6 +158,9 @@ def get_args_parser():
     g.add_argument("--results_dir", required=True, help="output folder (checkpoints, logs, opt.json)")
     g.add_argument("--overwrite", action="store_true", help="allow a non-empty --results_dir (files are replaced)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.add_argument("--no_tensorboard", action="store_true",
+                   help="write no TensorBoard event files (default: RESULTS/tensorboard_log/ when the tensorboard "
+                        "package is installed: losses, metrics and, with --gate_monitor_every, the gates)")
 
     g = p.add_argument_group("gate monitor")
     g.add_argument("--gate_monitor_every", type=_nonneg_int, default=0,
@@ -186,6 +191,7 @@ def options_from_args(args):
     ``device`` as the original integer: -1 cpu, N cuda:N). Raises ConfigError on contradictions.
     """
     raw = dict(vars(args))
+    raw.pop("no_tensorboard", None)  # how this run logs, not an option of the model: train(tensorboard=...)
     device = parse_device(raw["device"])
     if raw["a_feat_dir"] is None and (raw["use_avigate_custom"] or raw["use_avigate"]):
         raise ConfigError("--use_avigate_custom / --use_avigate need audio features: pass --a_feat_dir and "
@@ -229,7 +235,7 @@ def options_from_args(args):
     opt.ckpt_filepath = os.path.join(results_dir, "model.ckpt")
     opt.train_log_filepath = os.path.join(results_dir, "train.log.txt")
     opt.eval_log_filepath = os.path.join(results_dir, "eval.log.txt")
-    opt.tensorboard_log_dir = os.path.join(results_dir, "tensorboard_log")
+    opt.tensorboard_log_dir = os.path.join(results_dir, TENSORBOARD_DIR)
     opt.train_log_txt_formatter = TRAIN_LOG_FORMAT
     opt.eval_log_txt_formatter = EVAL_LOG_FORMAT
     check_options(opt, "training options")

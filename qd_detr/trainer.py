@@ -4,7 +4,8 @@ AdamW (``lr``, ``wd``), StepLR every ``lr_drop`` epochs, gradient clipping at ``
 matching and the ``SetCriterion`` losses (``qd_detr.losses``), evaluation every ``eval_epoch`` epochs
 with the official metrics, best model chosen on ``MR-full-mAP``. Options come from
 ``qd_detr.train_options.options_from_args``; extra work per epoch (the gate monitor) comes through
-callbacks (``qd_detr.callbacks``). The output files are described in ``qd_detr.train``.
+callbacks (``qd_detr.callbacks``). Losses and metrics also go to TensorBoard when it is installed
+(``qd_detr.summary_writer``). The output files are described in ``qd_detr.train``.
 """
 import argparse
 import json
@@ -35,6 +36,7 @@ from .keys import normalize_state_dict
 from .losses import build_criterion
 from .model import build_model
 from .postprocess import submission_lines
+from .summary_writer import TENSORBOARD_DIR, open_summary_writer, options_markdown, remove_event_files, write_scalars
 from .train_options import EVAL_LOG_FORMAT, TRAIN_LOG_FORMAT, opt_json_from
 
 __all__ = ["set_seed", "build_datasets", "build_optimizer", "train_one_epoch", "evaluate_model", "checkpoint_dict",
@@ -227,6 +229,7 @@ class _Run:
 
     def __init__(self, opt, progress, log):
         self.opt, self.progress, self.log = opt, progress, log
+        self.writer = None  # TensorBoard SummaryWriter (or None: logging off)
         self.train_ds, self.eval_ds = build_datasets(opt)
         self.criterion = build_criterion(opt)
         self.model = build_model(opt)
@@ -254,6 +257,9 @@ class _Run:
             latest_files.append(metrics_path_for(self.latest_preds))
         entry["eval_loss"] = eval_loss
         entry["metrics"] = None if metrics is None else metrics["brief"]
+        if self.writer is not None:  # as the original: Eval/{loss}, then Eval/{metric}, step = completed epochs
+            write_scalars(self.writer, "Eval", eval_loss, epoch_i + 1)
+            write_scalars(self.writer, "Eval", entry["metrics"] or {}, epoch_i + 1)
         _append_text(opt.eval_log_filepath, EVAL_LOG_FORMAT.format(
             time_str=_time_str(), epoch=epoch_i, loss_str=_loss_str(eval_loss), eval_metrics_str=json.dumps(metrics)))
         if metrics is None:
@@ -277,13 +283,21 @@ class _Run:
         return stop
 
 
-def train(opt, opt_json=None, progress=True, log=print, callbacks=None):
+def _tensorboard_dir(opt):
+    return getattr(opt, "tensorboard_log_dir", None) or os.path.join(opt.results_dir, TENSORBOARD_DIR)
+
+
+def train(opt, opt_json=None, progress=True, log=print, callbacks=None, tensorboard=True):
     """Train with the options of ``options_from_args`` (``opt``, and ``opt_json`` for ``opt.json``;
     derived from ``opt`` when None); returns a summary dict (also written to ``train_summary.json``)
     with the checkpoint paths, per-epoch losses, metrics and timings.
 
     ``callbacks``: objects of the ``qd_detr.callbacks`` protocol; None = those the options ask for
-    (``callbacks_from_options``: the gate monitor with ``gate_monitor_every``)."""
+    (``callbacks_from_options``: the gate monitor with ``gate_monitor_every``).
+    ``tensorboard``: write TensorBoard event files into ``opt.tensorboard_log_dir`` (losses, metrics, and
+    whatever the callbacks add; ``qd_detr.summary_writer``); without the tensorboard package one line
+    on stderr says that logging is off and training goes on. A run that does not resume first removes
+    an earlier run's event files there."""
     t0 = time.time()
     resuming = bool(opt.resume_all)
     results_dir = opt.results_dir
@@ -299,15 +313,53 @@ def train(opt, opt_json=None, progress=True, log=print, callbacks=None):
         start_epoch = opt.start_epoch
     if opt.eval_untrained and start_epoch == 0:
         start_epoch = -1
-    write_json(os.path.join(results_dir, "opt.json"), opt_json_from(opt) if opt_json is None else opt_json,
-               default=str)
+    opt_json = opt_json_from(opt) if opt_json is None else opt_json
+    write_json(os.path.join(results_dir, "opt.json"), opt_json, default=str)
     if not resuming:
         for path in (opt.train_log_filepath, opt.eval_log_filepath):
             open(path, "w").close()
+        remove_event_files(_tensorboard_dir(opt))
     callbacks = callbacks_from_options(opt) if callbacks is None else list(callbacks)
-    for cb in callbacks:
-        cb.on_train_start(run.model, run.eval_ds, opt, start_epoch, resuming)
+    if tensorboard:
+        run.writer = open_summary_writer(_tensorboard_dir(opt))
+    try:
+        if run.writer is not None:
+            run.writer.add_text("hyperparameters", options_markdown(opt_json))
+        for cb in callbacks:
+            hook = getattr(cb, "set_summary_writer", None)
+            if hook is not None:
+                hook(run.writer)
+        for cb in callbacks:
+            cb.on_train_start(run.model, run.eval_ds, opt, start_epoch, resuming)
+        history = _epochs(run, callbacks, start_epoch)
+    finally:
+        if run.writer is not None:
+            run.writer.close()
 
+    summary = {
+        "results_dir": results_dir,
+        "checkpoint_best": run.paths["best"],
+        "checkpoint_latest": run.paths["latest"],
+        "checkpoints_epoch": run.paths["epochs"],
+        "best_metric": BEST_METRIC,
+        "best_score": None if run.best_score == -math.inf else run.best_score,
+        "n_train_queries": len(run.train_ds),
+        "n_eval_queries": 0 if run.eval_ds is None else len(run.eval_ds),
+        "gate_monitor": None,
+        "tensorboard_log": None if run.writer is None else _tensorboard_dir(opt),
+        "seconds": None,
+        "history": history,
+    }
+    for cb in callbacks:
+        summary.update(cb.summary())
+    summary["seconds"] = round(time.time() - t0, 2)
+    write_json(os.path.join(results_dir, "train_summary.json"), summary)
+    return summary
+
+
+def _epochs(run, callbacks, start_epoch):
+    """The epochs from ``start_epoch`` on: train, log, evaluate, save, callbacks; returns the history."""
+    opt, progress, log, writer = run.opt, run.progress, run.log, run.writer
     loader = _train_loader(run.train_ds, opt)
     history = []
     for epoch_i in tqdm(range(start_epoch, opt.n_epoch), desc="epochs", file=sys.stderr, disable=not progress,
@@ -315,12 +367,16 @@ def train(opt, opt_json=None, progress=True, log=print, callbacks=None):
         entry = {"epoch": epoch_i}
         if epoch_i > -1:
             te = time.time()
+            lr = float(run.optimizer.param_groups[0]["lr"])  # the epoch's learning rate (before the scheduler step)
             entry["train_loss"] = train_one_epoch(run.model, run.criterion, loader, run.optimizer, opt, epoch_i,
                                                   progress)
             entry["train_seconds"] = round(time.time() - te, 3)
             run.lr_scheduler.step()
             _append_text(opt.train_log_filepath, TRAIN_LOG_FORMAT.format(
                 time_str=_time_str(), epoch=epoch_i + 1, loss_str=_loss_str(entry["train_loss"])))
+            if writer is not None:
+                writer.add_scalar("Train/lr", lr, epoch_i + 1)
+                write_scalars(writer, "Train", entry["train_loss"], epoch_i + 1)
         last = epoch_i == opt.n_epoch - 1
         if (epoch_i + 1) % opt.eval_epoch == 0 or last:
             stop = run.evaluate(epoch_i, entry) if run.eval_ds is not None else False
@@ -337,23 +393,7 @@ def train(opt, opt_json=None, progress=True, log=print, callbacks=None):
                 run.paths["epochs"].append(run.checkpoint(epoch_i, f"e{epoch_i:04d}", scheduler=False))
             for cb in callbacks:
                 entry.update(cb.on_epoch_end(epoch_i, run.model, last) or {})
+        if writer is not None:
+            writer.flush()  # events of the epoch on disk: TensorBoard shows them while training goes on
         history.append(entry)
-
-    summary = {
-        "results_dir": results_dir,
-        "checkpoint_best": run.paths["best"],
-        "checkpoint_latest": run.paths["latest"],
-        "checkpoints_epoch": run.paths["epochs"],
-        "best_metric": BEST_METRIC,
-        "best_score": None if run.best_score == -math.inf else run.best_score,
-        "n_train_queries": len(run.train_ds),
-        "n_eval_queries": 0 if run.eval_ds is None else len(run.eval_ds),
-        "gate_monitor": None,
-        "seconds": None,
-        "history": history,
-    }
-    for cb in callbacks:
-        summary.update(cb.summary())
-    summary["seconds"] = round(time.time() - t0, 2)
-    write_json(os.path.join(results_dir, "train_summary.json"), summary)
-    return summary
+    return history

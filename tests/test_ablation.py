@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import small_model
+from conftest import analysis_config, demo_dataset, interrupted_after, ragged_batch, small_checkpoint, small_model
 from gate_analysis.ablation import CSV_COLUMNS, compare_predictions, run_ablation
 from gate_analysis.contributions import ContributionWriter, load_contributions
 from gate_analysis.interventions import (
@@ -21,13 +21,7 @@ from gate_analysis.stats import GateStatsAccumulator
 from qd_detr.dataset import collate, model_kwargs, read_jsonl
 from qd_detr.errors import ConfigError
 from qd_detr.gates import GateRecorder
-from qd_detr.inference import build_dataset, evaluate, make_batches, predict
-
-
-def _dataset(opt, paths, n=None):
-    dirs = {"v_feat_dirs": paths["v_feat_dirs"], "t_feat_dir": paths["t_feat_dir"], "a_feat_dir": paths["a_feat_dir"]}
-    records = read_jsonl(paths["jsonl"]["val"])
-    return build_dataset(opt, records[:n] if n else records, dirs)
+from qd_detr.inference import evaluate, make_batches, predict
 
 
 def _batch(dataset, idx):
@@ -43,7 +37,7 @@ def _forward(model, inputs):
 def clipwise(demo_data):
     _, paths = demo_data
     model, opt = small_model("custom", "clipwise", seed=1)
-    return model, opt, _dataset(opt, paths), paths
+    return model, opt, demo_dataset(opt, paths), paths
 
 
 def test_parse_interventions_grammar_and_errors():
@@ -90,7 +84,7 @@ def test_clamp_context_restores_the_model_exactly(clipwise):
 def test_mean_clamp_uses_per_dim_dataset_means_for_elementwise(demo_data):
     _, paths = demo_data
     model, opt = small_model("custom", "elementwise", seed=2)
-    dataset = _dataset(opt, paths, n=4)
+    dataset = demo_dataset(opt, paths, n=4)
     acc = GateStatsAccumulator("elementwise", 2)
     with GateRecorder(model.fusion, lambda recs: [acc.update(r.sample_id, r.gates) for r in recs]) as rec:
         for i in range(len(dataset)):
@@ -143,7 +137,7 @@ def _mute_audio_branch(model):
 def test_zero_audio_branch_means_zero_ablation_effect(demo_data):
     _, paths = demo_data
     model, opt = small_model("custom", "clipwise", seed=4)
-    dataset = _dataset(opt, paths)
+    dataset = demo_dataset(opt, paths)
     batches = make_batches(dataset, "query", 4, opt)
     ivs = parse_interventions(["zero", "one", "minus_one", "mean", "audio_zero", "audio_swap"], ["all"], ["mha"], 2)
     means = {(l, k): 0.3 for l in range(2) for k in ("mha", "ffn")}
@@ -193,22 +187,11 @@ def test_compare_predictions_and_overall_by_hand(clipwise, tmp_path):
     assert (same["top1_window_iou_vs_base"] == 1).all() and (same["delta_mr_ap"] == 0).all()
 
 
-def _ragged(opt, lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    b, lmax = len(lengths), max(lengths)
-    mask = torch.zeros(b, lmax)
-    for i, n in enumerate(lengths):
-        mask[i, :n] = 1
-    return dict(src_txt=torch.randn(b, 5, opt.t_feat_dim, generator=g), src_txt_mask=torch.ones(b, 5),
-                src_vid=torch.randn(b, lmax, opt.v_feat_dim, generator=g) * mask[..., None], src_vid_mask=mask,
-                src_aud=torch.rand(b, lmax, opt.a_feat_dim, generator=g) * mask[..., None], src_aud_mask=mask)
-
-
 @pytest.mark.parametrize("layout,gating", [("custom", "clipwise"), ("custom", "elementwise"), ("custom", "global"),
                                            ("avigate", "global")])
 def test_recorded_contributions_equal_a_hand_computation(layout, gating):
     model, opt = small_model(layout, gating, seed=5)
-    inputs = _ragged(opt, [7, 4, 6])
+    inputs = ragged_batch(opt, [7, 4, 6])
     got = {}
     with GateRecorder(model.fusion, lambda recs: got.update({r.sample_id: r for r in recs}),
                       capture_contributions=True) as rec:
@@ -265,32 +248,21 @@ def test_contribution_writer_streams_and_resumes(clipwise, tmp_path):
 
 
 def test_contributions_survive_an_interrupted_and_resumed_run(demo_data, tmp_path, monkeypatch):
-    from conftest import save_checkpoint
     from gate_analysis import pipeline
-    from gate_analysis.pipeline import AnalysisConfig, run_analysis
+    from gate_analysis.pipeline import run_analysis
     from qd_detr import inference
     _, paths = demo_data
-    model, opt = small_model("custom", "clipwise", seed=8)
-    ckpt = save_checkpoint(tmp_path / "model.ckpt", model, opt)
+    ckpt, _, _ = small_checkpoint(tmp_path / "model.ckpt", "custom", "clipwise", seed=8)
 
     def config(out, **kw):
-        return AnalysisConfig(model_path=str(ckpt), data_path=paths["jsonl"]["val"], output_dir=str(out), device="cpu",
-                              v_feat_dirs=paths["v_feat_dirs"], t_feat_dir=paths["t_feat_dir"],
-                              a_feat_dir=paths["a_feat_dir"], batch_size=2, batching="query", no_plots=True, **kw)
+        return analysis_config(ckpt, paths, out, batch_size=2, batching="query", no_plots=True, **kw)
 
     full, broken, plain = tmp_path / "full", tmp_path / "broken", tmp_path / "plain"
     for d in (full, broken, plain):
         d.mkdir()
     run_analysis(config(full, contributions=True), progress=False, log=lambda m: None)
     real = inference.iterate_batches
-
-    def interrupted(*args, **kwargs):
-        for i, item in enumerate(real(*args, **kwargs)):
-            if i == 2:
-                raise KeyboardInterrupt
-            yield item
-
-    monkeypatch.setattr(pipeline, "iterate_batches", interrupted)
+    monkeypatch.setattr(pipeline, "iterate_batches", interrupted_after(real, 2))
     for out, kw in ((broken, {"contributions": True}), (plain, {})):
         with pytest.raises(KeyboardInterrupt):
             run_analysis(config(out, **kw), progress=False, log=lambda m: None)

@@ -55,20 +55,17 @@ def test_plot_job_in_a_process_draws_the_same_pngs_as_inline(demo_data, tmp_path
     """The forked plotting process writes byte-identical figures; its failures reach the caller."""
     import shutil
 
-    from conftest import save_checkpoint, small_model
+    from conftest import analysis_config, small_checkpoint
     from gate_analysis.background import PlotJob
-    from gate_analysis.pipeline import AnalysisConfig, run_analysis
+    from gate_analysis.pipeline import run_analysis
     from gate_analysis.stats import GateStatsAccumulator
     from gate_analysis.store import load_gate_run
 
     _, paths = demo_data
-    model, opt = small_model("custom", "clipwise", seed=4)
-    ckpt = save_checkpoint(tmp_path / "model.ckpt", model, opt)
+    ckpt, _, _ = small_checkpoint(tmp_path / "model.ckpt", "custom", "clipwise", seed=4)
     out = tmp_path / "run"
     out.mkdir()
-    cfg = AnalysisConfig(model_path=str(ckpt), data_path=paths["jsonl"]["val"], output_dir=str(out), device="cpu",
-                         v_feat_dirs=paths["v_feat_dirs"], t_feat_dir=paths["t_feat_dir"], a_feat_dir=paths["a_feat_dir"])
-    run_analysis(cfg, progress=False, log=lambda *a: None)
+    run_analysis(analysis_config(ckpt, paths, out), progress=False, log=lambda *a: None)
     acc = GateStatsAccumulator.from_gate_run(load_gate_run(out))
     shutil.copytree(out, tmp_path / "inline")
     shutil.rmtree(tmp_path / "inline" / "plots")

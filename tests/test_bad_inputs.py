@@ -40,10 +40,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, save_checkpoint, small_model
+from conftest import SCRIPT_ENV, demo_data_args, run_python, save_checkpoint, small_checkpoint, small_model
 
-ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT),
-           PYTHONDONTWRITEBYTECODE="1")
+ENV = dict(SCRIPT_ENV, MKL_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
 POOL_WORKERS = max(2, min(4, (os.cpu_count() or 2) + 1))
 TIMEOUT = 600
 
@@ -97,10 +96,7 @@ class Payload:
 
 def save_malicious_checkpoint(path, marker, legacy_format=False):
     model, opt = small_model("custom", "clipwise", seed=5)
-    obj = {"model": model.state_dict(), "epoch": 0, "opt": argparse.Namespace(**vars(opt)),
-           "extra_state": Payload(marker)}
-    torch.save(obj, path, _use_new_zipfile_serialization=not legacy_format)
-    return path
+    return save_checkpoint(path, model, opt, legacy_format=legacy_format, extra_state=Payload(marker))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -122,9 +118,8 @@ class Workspace:
         self.markers.mkdir()
         self.built = {}
 
-        model, opt = small_model("custom", "clipwise", seed=1)
-        self.state_dict, self.opt = model.state_dict(), opt
-        self.ckpt = save_checkpoint(self.base / "good.ckpt", model, opt)
+        self.ckpt, model, self.opt = small_checkpoint(self.base / "good.ckpt", "custom", "clipwise", seed=1)
+        self.state_dict = model.state_dict()
 
     def path(self, *parts):
         return self.base.joinpath(*parts)
@@ -146,7 +141,7 @@ class Workspace:
         def build():
             sd = dict(self.state_dict)
             change(sd)
-            return save_checkpoint(self.path(name), _StateDictModel(sd), self.opt)
+            return save_checkpoint(self.path(name), sd, self.opt)
         return self.once(name, build)
 
     def raw_ckpt(self, name, obj):
@@ -175,16 +170,6 @@ class Workspace:
             change(folder)
             return folder
         return self.once(name, build)
-
-
-class _StateDictModel:
-    """Stands in for a model in ``save_checkpoint``: its state dict is the given one."""
-
-    def __init__(self, sd):
-        self._sd = sd
-
-    def state_dict(self):
-        return self._sd
 
 
 def _write_npz(path, **arrays):
@@ -310,10 +295,7 @@ def _(ws, cli, out):
 
 
 def _no_fusion_ckpt(ws):
-    def build():
-        model, opt = small_model("video_only", seed=2)
-        return save_checkpoint(ws.path("video_only.ckpt"), model, opt)
-    return ws.once("video_only", build)
+    return ws.once("video_only", lambda: small_checkpoint(ws.path("video_only.ckpt"), "video_only", seed=2)[0])
 
 
 @case("ckpt_no_fusion_module", MODEL_CLIS)
@@ -349,25 +331,23 @@ def _reshape_key(sd):
     sd[MISSHAPED_KEY] = torch.zeros(sd[MISSHAPED_KEY].shape[0], sd[MISSHAPED_KEY].shape[1] + 4)
 
 
-@case("ckpt_missing_key", ("run_gate_analysis", "test_legacy_model", "legacy_model_guide"))
-def _(ws, cli, out):
-    ckpt = ws.tampered_ckpt("missing_key.ckpt", _drop_key)
-    return Spec(model_argv(ws, cli, out, ckpt=ckpt), code=1 if cli in LEGACY_CLIS else 2,
-                needles=(_q(ckpt), "missing", re.escape(MISSING_KEY)), out=out)
+def _key_case(name, clis, change, problem, key):
+    """``name``: the good checkpoint with ``change`` applied to its state dict (saved as ``{name without
+    ckpt_}.ckpt``); the one error line names the file, the problem (a regex) and the key. The legacy tools
+    answer 1: the file was read, the model is incompatible."""
+    @case(name, clis)
+    def _(ws, cli, out):
+        ckpt = ws.tampered_ckpt(f"{name.removeprefix('ckpt_')}.ckpt", change)
+        return Spec(model_argv(ws, cli, out, ckpt=ckpt), code=1 if cli in LEGACY_CLIS else 2,
+                    needles=(_q(ckpt), problem, re.escape(key)), out=out)
 
 
-@case("ckpt_unexpected_key", ("inference", "test_legacy_model"))
-def _(ws, cli, out):
-    ckpt = ws.tampered_ckpt("unexpected_key.ckpt", _add_key)
-    return Spec(model_argv(ws, cli, out, ckpt=ckpt), code=1 if cli in LEGACY_CLIS else 2,
-                needles=(_q(ckpt), "unexpected|unknown|not recogni[sz]ed", re.escape(UNEXPECTED_KEY)), out=out)
-
-
-@case("ckpt_misshaped_key", ("run_gate_analysis", "test_legacy_model"))
-def _(ws, cli, out):
-    ckpt = ws.tampered_ckpt("misshaped_key.ckpt", _reshape_key)
-    return Spec(model_argv(ws, cli, out, ckpt=ckpt), code=1 if cli in LEGACY_CLIS else 2,
-                needles=(_q(ckpt), "mis-?shaped|shape", re.escape(MISSHAPED_KEY)), out=out)
+_key_case("ckpt_missing_key", ("run_gate_analysis", "test_legacy_model", "legacy_model_guide"), _drop_key,
+          "missing", MISSING_KEY)
+_key_case("ckpt_unexpected_key", ("inference", "test_legacy_model"), _add_key,
+          "unexpected|unknown|not recogni[sz]ed", UNEXPECTED_KEY)
+_key_case("ckpt_misshaped_key", ("run_gate_analysis", "test_legacy_model"), _reshape_key,
+          "mis-?shaped|shape", MISSHAPED_KEY)
 
 
 # --- annotation files ----------------------------------------------------------------------------
@@ -652,9 +632,7 @@ def _(ws, cli, out):
 # ------------------------------------------------------------------------------------------------
 
 def _can_drop_caps():
-    proc = subprocess.run([sys.executable, "-c", DROP_DAC_CAPS, sys.executable, "-c", "pass"], capture_output=True,
-                          text=True, timeout=60)
-    return proc.returncode == 0
+    return run_python("-c", DROP_DAC_CAPS, sys.executable, "-c", "pass", timeout=60).returncode == 0
 
 
 @pytest.fixture(scope="module")
@@ -676,10 +654,8 @@ def _selected_case_ids(request):
 
 
 def _run(spec, drop_caps):
-    prefix = [sys.executable, "-c", DROP_DAC_CAPS] if spec.unwritable and drop_caps else []
-    proc = subprocess.run([*prefix, sys.executable, *spec.argv], cwd=ROOT, env=ENV, text=True,
-                          capture_output=True, stdin=subprocess.DEVNULL, timeout=TIMEOUT)
-    return proc
+    prefix = ["-c", DROP_DAC_CAPS, sys.executable] if spec.unwritable and drop_caps else []
+    return run_python(*prefix, *spec.argv, env=ENV, stdin=subprocess.DEVNULL, timeout=TIMEOUT)
 
 
 @pytest.fixture(scope="module")
@@ -848,7 +824,7 @@ def test_key_problems_are_listed(tmp_path, change, needles):
     model, opt = small_model("custom", "clipwise", seed=1)
     sd = dict(model.state_dict())
     change(sd)
-    ckpt = save_checkpoint(tmp_path / "bad.ckpt", _StateDictModel(sd), opt)
+    ckpt = save_checkpoint(tmp_path / "bad.ckpt", sd, opt)
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(ckpt)
     message = str(info.value)
@@ -866,6 +842,7 @@ class _Boom(Exception):
 
 
 def test_postprocess_writers_are_atomic(tmp_path, monkeypatch):
+    from qd_detr import io as qd_io
     from qd_detr import postprocess
     path = tmp_path / "pred.jsonl"
     postprocess.write_jsonl(path, [{"qid": 1}])
@@ -874,8 +851,8 @@ def test_postprocess_writers_are_atomic(tmp_path, monkeypatch):
 
     def boom(*a, **k):
         raise _Boom("disk full")
-    monkeypatch.setattr(postprocess.json, "dumps", boom)
-    monkeypatch.setattr(postprocess.json, "dump", boom)
+    monkeypatch.setattr(qd_io.json, "dumps", boom)  # the writers postprocess re-exports live in qd_detr.io
+    monkeypatch.setattr(qd_io.json, "dump", boom)
     with pytest.raises(_Boom):
         postprocess.write_jsonl(path, [{"qid": 2}])
     with pytest.raises(_Boom):
@@ -886,16 +863,17 @@ def test_postprocess_writers_are_atomic(tmp_path, monkeypatch):
 
 def test_eval_writer_is_atomic(tmp_path, monkeypatch):
     from qd_detr import eval as qd_eval
+    from qd_detr import io as qd_io
     from qd_detr.errors import ConfigError
     path = str(tmp_path / "metrics.json")
-    qd_eval._write_json_atomic({"a": 1}, path)
+    qd_eval.write_metrics({"a": 1}, path)
     assert os.listdir(tmp_path) == ["metrics.json"]
 
     def fail_replace(src, dst):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(qd_eval.os, "replace", fail_replace)
+    monkeypatch.setattr(qd_io.os, "replace", fail_replace)  # write_metrics writes with qd_detr.io.write_json
     with pytest.raises(ConfigError, match="metrics.json"):
-        qd_eval._write_json_atomic({"a": 2}, path)
+        qd_eval.write_metrics({"a": 2}, path)
     assert json.loads(Path(path).read_text()) == {"a": 1}
     assert os.listdir(tmp_path) == ["metrics.json"]
 
@@ -903,9 +881,8 @@ def test_eval_writer_is_atomic(tmp_path, monkeypatch):
 def test_inference_writes_nothing_when_the_model_fails(tmp_path, demo_data, monkeypatch, capsys):
     """A failure in the middle of inference leaves the earlier predictions file as it was."""
     from qd_detr import inference
-    root, paths = demo_data
-    model, opt = small_model("custom", "clipwise", seed=1)
-    ckpt = save_checkpoint(tmp_path / "model.ckpt", model, opt)
+    _, paths = demo_data
+    ckpt, _, _ = small_checkpoint(tmp_path / "model.ckpt", "custom", "clipwise", seed=1)
     out = tmp_path / "out"
     out.mkdir()
     (out / "pred.jsonl").write_text("earlier\n")
@@ -914,10 +891,8 @@ def test_inference_writes_nothing_when_the_model_fails(tmp_path, demo_data, monk
         raise OSError(5, "Input/output error")
     monkeypatch.setattr(inference, "predict", failing_predict)
     with pytest.raises(OSError):
-        inference.main(["--model_path", str(ckpt), "--data_path", paths["jsonl"]["val"], "--output_path",
-                        str(out / "pred.jsonl"), "--overwrite", "--device", "cpu", "--quiet",
-                        *["--v_feat_dirs", *paths["v_feat_dirs"], "--t_feat_dir", paths["t_feat_dir"],
-                          "--a_feat_dir", paths["a_feat_dir"]]])
+        inference.main(["--model_path", str(ckpt), *demo_data_args(paths), "--output_path", str(out / "pred.jsonl"),
+                        "--overwrite", "--device", "cpu", "--quiet"])
     assert (out / "pred.jsonl").read_text() == "earlier\n" and os.listdir(out) == ["pred.jsonl"]
 
 

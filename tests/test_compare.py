@@ -53,7 +53,8 @@ def test_compare_runs_known_differences(tmp_path):
     assert sorted(queries["qid"].unique()) == [1, 2, 3, 4, 5]  # present in all three runs
     assert len(queries) == 5 * 3 * 2 * 3  # queries x (2 layers + all) x kinds x runs
     d = queries.set_index(["qid", "layer", "gate", "run"])["diff_vs_first"]
-    assert d[(2, 0, "mha", 1)] == pytest.approx(0.3, abs=1e-6) and d[(2, "all", "ffn", 2)] == pytest.approx(-0.2, abs=1e-6)
+    # 'all': the mean over layers of |layer mean|: run 2 ffn |-0.13|, |-0.03| -> 0.08 vs run 0's 0.07, 0.17 -> 0.12
+    assert d[(2, 0, "mha", 1)] == pytest.approx(0.3, abs=1e-6) and d[(2, "all", "ffn", 2)] == pytest.approx(-0.04, abs=1e-6)
     assert (queries[queries["run"] == 0]["diff_vs_first"] == 0).all()
     paths = plot_compare(runs, layers, queries, tmp_path / "out")
     assert [os.path.basename(p) for p in paths] == ["compare_layer_evolution.png", "compare_query_differences.png"]

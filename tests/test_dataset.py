@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import FIXTURE_DATA, QVH_DATA
 from qd_detr.dataset import (
     QVHighlightsDataset,
     collate,
@@ -27,20 +28,16 @@ from qd_detr.dataset import (
 from qd_detr.demo_data import make_demo_dataset
 from qd_detr.errors import ConfigError, DataError
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-FIX = SHARED / "fixtures" / "data"
-QVH = SHARED / "data" / "qvhighlights"
-
 needs_fixtures = pytest.mark.skipif(
-    not (FIX / "val_model_inputs_digest_audio.npz").is_file(),
-    reason=f"fixture data not found under {FIX}")
+    not (FIXTURE_DATA / "val_model_inputs_digest_audio.npz").is_file(),
+    reason=f"fixture data not found under {FIXTURE_DATA}")
 
 
 def fixture_dataset(audio: bool, **kw) -> QVHighlightsDataset:
     return QVHighlightsDataset(
-        read_jsonl(FIX / "highlight_val_release.jsonl"),
-        [FIX / "slowfast_features", FIX / "clip_features"], FIX / "clip_text_features",
-        a_feat_dir=FIX / "pann_features" if audio else None, **kw)
+        read_jsonl(FIXTURE_DATA / "highlight_val_release.jsonl"),
+        [FIXTURE_DATA / "slowfast_features", FIXTURE_DATA / "clip_features"], FIXTURE_DATA / "clip_text_features",
+        a_feat_dir=FIXTURE_DATA / "pann_features" if audio else None, **kw)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -50,9 +47,9 @@ def fixture_dataset(audio: bool, **kw) -> QVHighlightsDataset:
 @needs_fixtures
 @pytest.mark.parametrize("audio", [True, False], ids=["audio", "noaudio"])
 def test_val_inputs_match_original_digest(audio):
-    digest = np.load(FIX / f"val_model_inputs_digest_{'audio' if audio else 'noaudio'}.npz")
+    digest = np.load(FIXTURE_DATA / f"val_model_inputs_digest_{'audio' if audio else 'noaudio'}.npz")
     ds = fixture_dataset(audio, v_feat_dim=2818, t_feat_dim=512, a_feat_dim=2050 if audio else None)
-    qids = [r["qid"] for r in read_jsonl(FIX / "highlight_val_release.jsonl")]
+    qids = [r["qid"] for r in read_jsonl(FIXTURE_DATA / "highlight_val_release.jsonl")]
     assert ds.qids == qids and len(qids) == 16
     streams = ["src_vid", "src_aud"] if audio else ["src_vid"]
     worst = {}
@@ -147,7 +144,7 @@ def test_fixture_without_labels_and_with_normalisation_off():
     ds = fixture_dataset(False, load_labels=False, normalize_v=False, normalize_t=False)
     item = ds[0]["model_inputs"]
     assert set(item) == {"query_feat", "video_feat"}
-    raw = np.load(FIX / "clip_text_features" / f"qid{ds.qids[0]}.npz")["last_hidden_state"]
+    raw = np.load(FIXTURE_DATA / "clip_text_features" / f"qid{ds.qids[0]}.npz")["last_hidden_state"]
     assert np.array_equal(item["query_feat"].numpy(), raw[:32].astype(np.float32))
     _, inputs = collate([ds[0]])
     assert "targets" not in inputs
@@ -160,7 +157,7 @@ def test_fixture_without_labels_and_with_normalisation_off():
 @pytest.mark.parametrize("split,count,labelled",
                          [("train", 7218, True), ("val", 1550, True), ("test", 1542, False)])
 def test_real_annotations(split, count, labelled):
-    path = QVH / f"highlight_{split}_release.jsonl"
+    path = QVH_DATA / f"highlight_{split}_release.jsonl"
     if not path.is_file():
         pytest.skip(f"{path} not available")
     recs = read_jsonl(path)

@@ -1,22 +1,15 @@
 """Tests for qd_detr.eval: reference reproduction, hand-computed cases, per-query metrics, CLI errors."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import FIXTURES, QVH_DATA, SHARED, run_python
 from qd_detr.cli import run_main
 from qd_detr.errors import DataError
 from qd_detr.eval import eval_submission, main, per_query_metrics
 from qd_detr.io import read_json_lines
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-QVH = SHARED / "data" / "qvhighlights"
-FIXTURES = SHARED / "fixtures"
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared reference data not found at {SHARED}")
 
 
@@ -38,9 +31,9 @@ def write_jsonl(path, records):
 # ---------------------------------------------------------------- reference files
 @needs_shared
 def test_sample_reproduces_official_metrics():
-    sub = read_json_lines(QVH / "standalone_eval_sample" / "sample_val_preds.jsonl")
-    gt = read_json_lines(QVH / "highlight_val_release.jsonl")
-    ref = json.loads((QVH / "standalone_eval_sample" / "sample_val_preds_metrics_raw.json").read_text())
+    sub = read_json_lines(QVH_DATA / "standalone_eval_sample" / "sample_val_preds.jsonl")
+    gt = read_json_lines(QVH_DATA / "highlight_val_release.jsonl")
+    ref = json.loads((QVH_DATA / "standalone_eval_sample" / "sample_val_preds_metrics_raw.json").read_text())
     got = flatten(eval_submission(sub, gt))
     want = flatten(ref)
     assert got == want
@@ -295,8 +288,7 @@ def test_cli_bad_input(files, capsys, case):
 
 def test_cli_subprocess_exit_code(files):
     tmp, sub, gt = files
-    proc = subprocess.run([sys.executable, "-m", "qd_detr.eval", "--submission_path", str(tmp / "nope.jsonl"),
-                           "--gt_path", str(gt), "--save_path", str(tmp / "m.json")],
-                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = run_python("-m", "qd_detr.eval", "--submission_path", tmp / "nope.jsonl", "--gt_path", gt, "--save_path",
+                      tmp / "m.json")
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [f"error: {tmp / 'nope.jsonl'}: file not found"]

@@ -11,25 +11,23 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FIXTURES, SMALL_DIMS, demo_feature_args, requires_fixtures, save_checkpoint, small_model
+from conftest import (
+    FIXTURES,
+    SMALL_SSM,
+    demo_train_args,
+    fixture_val_dataset,
+    forward_batches,
+    fusion_batch,
+    requires_fixtures,
+    save_checkpoint,
+    small_model,
+)
 from qd_detr.checkpoint import load_checkpoint
 from qd_detr.cli import run_main
 from qd_detr.config import SSM_OPTIONS, V2_OPTIONS, fusion_variant, make_options
 from qd_detr.errors import ToolkitError
 from qd_detr.gates import GateRecorder, fusion_gate_kinds, fusion_gate_ranges
 from qd_detr.train import main as train_main
-
-SSM = dict(ssm_band_width=3, ssm_enc_channels=8, ssm_dilations=[1, 2], ssm_diag_subtract=0.1, ssm_use_video_branch=1)
-
-
-def _inputs(seed=0, batch=3, length=9, dim=256, lengths=(9, 6, 4)):
-    g = torch.Generator().manual_seed(seed)
-    video = torch.randn(batch, length, dim, generator=g)
-    audio = torch.randn(batch, length, dim, generator=g)
-    mask = torch.zeros(batch, length)
-    for i, n in enumerate(lengths):
-        mask[i, :n] = 1
-    return video, audio, mask
 
 
 def _perturb(model, seed=0):
@@ -52,7 +50,7 @@ def test_v2_block_equals_the_formulas(gating, film):
     model, _ = small_model("custom", gating, seed=2, mha_gate_temp=1.7, ffn_gate_film=film)
     _perturb(model)
     fusion = model.fusion  # default (query) semantics: the global pool covers valid clips only
-    video, audio, mask = _inputs()
+    video, audio, mask = fusion_batch(zero_padding=False)  # random values in the padded positions
     block = fusion.fusion_layers[0]
     gf = block.gating_function
     if gating == "global":
@@ -127,10 +125,10 @@ def _ssm_reference(x, mask, w, diag, encoder):
 
 
 def test_ssm_gate_equals_an_independent_computation_and_is_batch_invariant_only_in_query_mode():
-    model, _ = small_model("custom", "global_diagstrip_ssm", seed=4, **SSM)
+    model, _ = small_model("custom", "global_diagstrip_ssm", seed=4, **SMALL_SSM)
     block = model.fusion.fusion_layers[0]
     gate = block.gating_function.ssm_gate
-    video, audio, mask = _inputs(seed=3)
+    video, audio, mask = fusion_batch(seed=3, zero_padding=False)
     with torch.no_grad():
         g_mha, g_ffn = block.gating_function(video, audio, video_mask=mask, audio_mask=mask)
         feat = torch.cat([_ssm_reference(audio, mask, 3, 0.1, gate.encoder),
@@ -154,10 +152,10 @@ def test_ssm_gate_equals_an_independent_computation_and_is_batch_invariant_only_
 def test_diagstrip_global_reads_sigmoid_and_the_two_readings_differ():
     """Same weights and keys: v1 global (tanh) and diagstrip global (sigmoid) are different models."""
     v1, opt = small_model("custom", "global", seed=5)
-    ds, _ = small_model("custom", "global", seed=5, **SSM)
+    ds, _ = small_model("custom", "global", seed=5, **SMALL_SSM)
     ds.load_state_dict(v1.state_dict(), strict=True)
     assert fusion_variant(opt) == "v1" and ds.fusion.variant == "diagstrip"
-    video, audio, mask = _inputs(seed=6)
+    video, audio, mask = fusion_batch(seed=6, zero_padding=False)
     with torch.no_grad():
         a = v1.fusion.fusion_layers[0].gating_function(video, audio, video_mask=mask)[0]
         b = ds.fusion.fusion_layers[0].gating_function(video, audio, video_mask=mask)[0]
@@ -182,10 +180,9 @@ def test_custom_global_fixture_with_diagstrip_options_is_rebuilt_with_a_sigmoid(
     assert report["fusion_variant"] == "diagstrip" and v1_report["fusion_variant"] == "v1"
     assert report["gate_ranges"]["layers.0.gate_mha"]["activation"] == "sigmoid"
     ref = np.load(FIXTURES / "ckpt_custom_global" / "reference_outputs_bs1.npz")
-    from test_model_fidelity import _fixture_dataset, _run
-    dataset = _fixture_dataset(load_checkpoint(src)[1])
-    out_ds, gates_ds = _run(ds_model, dataset, [[0]])
-    out_v1, gates_v1 = _run(v1_model, dataset, [[0]])
+    dataset = fixture_val_dataset(load_checkpoint(src)[1])
+    out_ds, gates_ds = forward_batches(ds_model, dataset, [[0]])
+    out_v1, gates_v1 = forward_batches(v1_model, dataset, [[0]])
     qid = int(ref["__qids__"][0])
     assert np.abs(out_v1[qid]["pred_logits"] - ref[f"{qid}/pred_logits"]).max() < 1e-5
     assert np.abs(out_ds[qid]["pred_logits"] - ref[f"{qid}/pred_logits"]).max() > 1e-3
@@ -202,10 +199,9 @@ def test_v2_temperature_comes_from_the_options_and_a_wrong_one_changes_outputs(t
     ckpt["opt"].mha_gate_temp = 1.5
     torch.save(ckpt, tmp_path / "model.ckpt")
     other, _, _ = load_checkpoint(tmp_path / "model.ckpt")
-    from test_model_fidelity import _fixture_dataset, _run
-    dataset = _fixture_dataset(opt)
-    a, _ = _run(model, dataset, [[0]])
-    b, _ = _run(other, dataset, [[0]])
+    dataset = fixture_val_dataset(opt)
+    a, _ = forward_batches(model, dataset, [[0]])
+    b, _ = forward_batches(other, dataset, [[0]])
     qid = next(iter(a))
     assert np.abs(a[qid]["saliency_scores"] - b[qid]["saliency_scores"]).max() > 1e-3
     # without the option the temperature is not guessed
@@ -223,7 +219,7 @@ def test_bare_v2_and_ssm_state_dicts_need_the_options_weights_cannot_tell(tmp_pa
     loaded, opt, _ = load_checkpoint(tmp_path / "v2.pth", options={"nheads": 4, "fusion_n_heads": 4,
                                                                   "gating_type": "clipwise", "mha_gate_temp": 2.0})
     assert opt.ffn_gate_film is True and loaded.fusion.fusion_layers[0].gating_function.mha_temp == 2.0
-    ssm_model, _ = small_model("custom", "global_diagstrip_ssm", seed=0, **SSM)
+    ssm_model, _ = small_model("custom", "global_diagstrip_ssm", seed=0, **SMALL_SSM)
     torch.save(ssm_model.state_dict(), tmp_path / "ssm.pth")
     with pytest.raises(ToolkitError, match="ssm_dilations"):
         load_checkpoint(tmp_path / "ssm.pth", options={"nheads": 4, "fusion_n_heads": 4})
@@ -253,15 +249,8 @@ def test_training_writes_the_research_branch_options_and_monitors_every_gate(dem
                                                                              saved):
     root, paths = demo_data
     results = tmp_path / "run"
-    args = ["--train_path", str(root / "highlight_train_release.jsonl"),
-            "--eval_path", str(root / "highlight_val_release.jsonl"), *demo_feature_args(str(root)),
-            "--v_feat_dim", str(SMALL_DIMS["slowfast_dim"] + SMALL_DIMS["clip_dim"]),
-            "--t_feat_dim", str(SMALL_DIMS["text_dim"]), "--a_feat_dim", str(SMALL_DIMS["audio_dim"] + 2),
-            "--results_dir", str(results), "--use_avigate_custom", "--gating_type", "clipwise",
-            "--fusion_layers", "2", "--fusion_n_heads", "4", "--enc_layers", "1", "--dec_layers", "1",
-            "--dim_feedforward", "32", "--nheads", "4", "--bsz", "6", "--eval_bsz", "8", "--seed", "3",
-            "--device", "cpu", "--quiet", "--n_epoch", "1", "--eval_epoch", "1", "--gate_monitor_every", "1",
-            "--gate_monitor_n", "3", "--gate_monitor_no_plots", *flags]
+    args = demo_train_args(root, results, "--n_epoch", "1", "--eval_epoch", "1", "--gate_monitor_every", "1",
+                           "--gate_monitor_n", "3", "--gate_monitor_no_plots", *flags, dec_layers=1)
     assert run_main(train_main, args) == 0
     ckpt = torch.load(results / "model_latest.ckpt", map_location="cpu", weights_only=False)
     opt_json = json.loads((results / "opt.json").read_text())

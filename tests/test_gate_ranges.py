@@ -9,18 +9,26 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import FIXTURE_DATA, FIXTURES, ROOT, fixture_feature_args, requires_fixtures, save_checkpoint, small_model
-from gate_analysis import plots as P
+from conftest import (
+    FIXTURES,
+    ROOT,
+    analysis_config,
+    demo_dataset,
+    gates_one_by_one,
+    requires_fixtures,
+    run_fixture_analysis,
+    small_checkpoint,
+)
+from gate_analysis import figures
 from gate_analysis.interventions import clamp_gates, parse_interventions
-from gate_analysis.pipeline import AnalysisConfig, run_analysis
+from gate_analysis.pipeline import run_analysis
 from gate_analysis.ranges import TANH, ranges_as_dict, thresholds
 from gate_analysis.stats import GateStatsAccumulator, accumulate_gate_run
 from gate_analysis.stats_csv import CSV_COLUMNS, csv_columns_markdown, write_stats_csvs
 from gate_analysis.store import GateStoreWriter, load_gate_run
-from qd_detr.dataset import collate, model_kwargs, read_jsonl
+from qd_detr.dataset import collate, model_kwargs
 from qd_detr.errors import ConfigError
 from qd_detr.gates import GATE_KINDS, GateRange, GateRecorder, fusion_gate_kinds, fusion_gate_ranges
-from qd_detr.inference import build_dataset
 
 f32 = np.float32
 FILM_KINDS = ("mha", "ffn", "beta")
@@ -138,17 +146,17 @@ def test_meta_json_records_the_ranges_and_old_stores_read_as_tanh(tmp_path):
 
 def test_colour_convention_follows_the_range():
     ranges = {(0, "mha"): SIGMOID, (0, "ffn"): FILM_FFN, (0, "beta"): BETA}
-    cmap, norm, diverging = P._cmap_norm(P._scale(None, "mha", ranges, 0))
+    cmap, norm, diverging = figures.cmap_norm(figures.panel_scale(None, "mha", ranges, 0))
     assert not diverging and (norm.vmin, norm.vmax) == (0.0, 2.0) and cmap.name.startswith("Reds")
-    assert "sequential 0 to 2" in P._value_label(P._scale(None, "mha", ranges, 0))
+    assert "sequential 0 to 2" in figures.value_label(figures.panel_scale(None, "mha", ranges, 0))
     for kind in ("ffn", "beta"):
-        sc = P._scale(None, kind, ranges, 0)
-        cmap, norm, diverging = P._cmap_norm(sc)
+        sc = figures.panel_scale(None, kind, ranges, 0)
+        cmap, norm, diverging = figures.cmap_norm(sc)
         assert diverging and sc.centre == 0.0 and cmap.name.startswith("RdBu") and (norm.vmin, norm.vmax) == (
             ranges[(0, kind)].low, ranges[(0, kind)].high)
-    assert "weight 1, not off" in P._value_label(P._scale(None, "ffn", ranges, 0))
+    assert "weight 1, not off" in figures.value_label(figures.panel_scale(None, "ffn", ranges, 0))
     # without declared ranges: tanh [-1, 1], diverging around 0
-    sc = P._scale(None, "mha", None)
+    sc = figures.panel_scale(None, "mha", None)
     assert (sc.lo, sc.hi, sc.centre) == (-1.0, 1.0, 0.0)
 
 
@@ -161,17 +169,14 @@ def test_readme_csv_documentation_is_generated_from_csv_columns():
 # -- a FiLM model built with qd_detr's code, through the whole pipeline ------------------------------
 @pytest.fixture(scope="module")
 def film_run(demo_data, tmp_path_factory):
-    root, paths = demo_data
+    _, paths = demo_data
     tmp = tmp_path_factory.mktemp("film")
-    model, opt = small_model("custom", "clipwise", seed=5, mha_gate_temp=2.0, ffn_gate_film=True)
-    ckpt = save_checkpoint(tmp / "model.ckpt", model, opt)
+    ckpt, model, opt = small_checkpoint(tmp / "model.ckpt", "custom", "clipwise", seed=5, mha_gate_temp=2.0,
+                                        ffn_gate_film=True)
     out = tmp / "out"
     out.mkdir()
-    cfg = AnalysisConfig(model_path=str(ckpt), data_path=paths["jsonl"]["val"], output_dir=str(out), device="cpu",
-                         v_feat_dirs=paths["v_feat_dirs"], t_feat_dir=paths["t_feat_dir"],
-                         a_feat_dir=paths["a_feat_dir"],
-                         batch_size=4, batching="query", top_n=3, contributions=True, ablate=["zero"],
-                         ablate_layers=["all"], ablate_gates=["both", "all"])
+    cfg = analysis_config(ckpt, paths, out, batch_size=4, batching="query", top_n=3, contributions=True,
+                          ablate=["zero"], ablate_layers=["all"], ablate_gates=["both", "all"])
     manifest = run_analysis(cfg, progress=False, log=lambda msg: None)
     return model, opt, paths, out, manifest
 
@@ -191,15 +196,8 @@ def test_film_run_records_beta_everywhere(film_run):
     assert (out / "plots" / "query_clip_heatmap_layers.1.gate_beta.png").is_file()
     assert manifest["counts"]["gate_arrays"] == manifest["counts"]["queries"] * 2 * 3
     # the stored beta equals the model's own shift for each query alone
-    dirs = {"v_feat_dirs": paths["v_feat_dirs"], "t_feat_dir": paths["t_feat_dir"], "a_feat_dir": paths["a_feat_dir"]}
-    dataset = build_dataset(opt, read_jsonl(paths["jsonl"]["val"]), dirs)
-    got = {}
-    with GateRecorder(model.fusion, lambda recs: got.update({r.sample_id: r for r in recs})) as rec:
-        for i in range(3):
-            metas, inputs = collate([dataset[i]])
-            rec.set_ids([metas[0]["qid"]])
-            with torch.no_grad():
-                model(**model_kwargs(inputs))
+    got = gates_one_by_one(model, demo_dataset(opt, paths), range(3))
+    assert len(got) == 3
     for qid, record in got.items():
         for layer in (0, 1):
             want = record.gates[(layer, "beta")]
@@ -227,16 +225,16 @@ def test_film_run_follows_the_declared_ranges(film_run):
     report = (out / "report.html").read_text()
     assert "gate_beta" in report and "not off" in report and "never negative" in report
     # with FiLM, audio is off only when beta is clamped too: zero@all:all is the audio-off reference
-    perf = pd.read_csv(out / "gate_performance.csv", keep_default_na=False)
+    joined = pd.read_csv(out / "gate_performance_ablation.csv", keep_default_na=False)
     assert set(pd.read_csv(out / "ablation.csv")["intervention"]) == {"zero@all:both", "zero@all:all"}
-    assert set(perf["ablation_intervention"]) == {"zero@all:all"}
+    assert set(joined["intervention"]) == {"zero@all:both", "zero@all:all"}  # every intervention is joined
+    assert json.loads((out / "run.json").read_text())["analyses"]["ablation"]["reference"] == "zero@all:all"
 
 
 def test_clamping_every_film_gate_switches_audio_off(film_run):
     model, opt, paths, out, _ = film_run
     fusion = model.fusion
-    dirs = {"v_feat_dirs": paths["v_feat_dirs"], "t_feat_dir": paths["t_feat_dir"], "a_feat_dir": paths["a_feat_dir"]}
-    dataset = build_dataset(opt, read_jsonl(paths["jsonl"]["val"]), dirs)
+    dataset = demo_dataset(opt, paths)
     _, inputs = collate([dataset[0], dataset[1]])
     kwargs = model_kwargs(inputs)
     silent = {**kwargs, "src_aud": torch.zeros_like(kwargs["src_aud"])}
@@ -266,21 +264,10 @@ def test_clamping_every_film_gate_switches_audio_off(film_run):
 
 
 # -- the original research code's checkpoints ----------------------------------------------------------
-def _run_fixture(name, out):
-    import subprocess
-    import sys
-    proc = subprocess.run([sys.executable, str(ROOT / "run_gate_analysis.py"), "--model_path",
-                           str(FIXTURES / name / "model.ckpt"), "--data_path",
-                           str(FIXTURE_DATA / "highlight_val_release.jsonl"), "--output_dir", str(out), "--device",
-                           "cpu", "--no_plots", "--quiet", *fixture_feature_args()],
-                          capture_output=True, text=True, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr
-
-
 @requires_fixtures
 def test_v2_film_fixture_records_beta_as_the_original_code(tmp_path):
     out = tmp_path / "v2"
-    _run_fixture("ckpt_v2_clipwise_film", out)
+    run_fixture_analysis("ckpt_v2_clipwise_film", out)
     ref = np.load(FIXTURES / "ckpt_v2_clipwise_film" / "reference_outputs_bs1.npz")
     run = load_gate_run(out)
     assert run.kinds == FILM_KINDS
@@ -304,7 +291,7 @@ def test_v2_film_fixture_records_beta_as_the_original_code(tmp_path):
 @requires_fixtures
 def test_diagstrip_ssm_fixture_has_a_sigmoid_mha_gate(tmp_path):
     out = tmp_path / "ssm"
-    _run_fixture("ckpt_ssm_diagstrip", out)
+    run_fixture_analysis("ckpt_ssm_diagstrip", out)
     run = load_gate_run(out)
     assert run.gate_range(0, "mha").activation == "sigmoid" and run.gate_range(0, "ffn") == TANH
     layer = pd.read_csv(out / "gate_stats_per_layer.csv")

@@ -57,10 +57,10 @@ def test_layer_stats_query_vs_clip_weighting():
     acc, _, _ = hand_case()
     ls = acc.layer_stats()
     assert list(ls.columns) == list(CSV_COLUMNS["gate_stats_per_layer.csv"])
-    q = ls[(ls.gate == "mha") & (ls.weighting == "query")].iloc[0]
+    q = ls[(ls.gate == "mha") & (ls.weighting == "video")].iloc[0]
     c = ls[(ls.gate == "mha") & (ls.weighting == "clip")].iloc[0]
-    assert q["n_queries"] == c["n_queries"] == 2 and c["n_values"] == 6
-    # query-weighted: per-query means 0.25 and -0.46875
+    assert q["n_queries"] == c["n_queries"] == 2 and q["n_videos"] == 2 and c["n_values"] == 6
+    # video-weighted (each query is its own video here): per-query means 0.25 and -0.46875
     assert q["mean"] == -0.109375 and q["std"] == 0.359375
     assert (q["min"], q["max"]) == (-0.46875, 0.25)
     assert q["frac_positive"] == 0.25  # (0.5 + 0) / 2
@@ -212,16 +212,18 @@ def test_rankings_few_queries_do_not_overlap():
             top, bottom = sel[sel.rank_type == "top"], sel[sel.rank_type == "bottom"]
             assert len(top) == 3 and len(bottom) == 2
             assert set(top.qid).isdisjoint(bottom.qid) and set(top.qid) | set(bottom.qid) == set(means)
-            assert top["rank"].tolist() == [1, 2, 3] and top["mean"].is_monotonic_decreasing
-            assert bottom["mean"].is_monotonic_increasing
+            assert top["rank"].tolist() == [1, 2, 3] and top["value"].is_monotonic_decreasing
+            assert bottom["value"].is_monotonic_increasing
+    # over all layers: the mean of |layer mean| (signs do not cancel), each kind on its own
     all_mha = rk[(rk.layer.astype(str) == "all") & (rk.gate == "mha")]
-    assert all_mha[all_mha.rank_type == "top"]["qid"].tolist() == [1, 2, 3]
-    assert all_mha[all_mha.rank_type == "bottom"]["qid"].tolist() == [5, 4]
+    assert all_mha[all_mha.rank_type == "top"]["qid"].tolist() == [1, 5, 2]
+    assert all_mha[all_mha.rank_type == "bottom"]["qid"].tolist() == [3, 4]
     assert (all_mha["name"] == "layers.all.gate_mha").all()
     all_ffn = rk[(rk.layer.astype(str) == "all") & (rk.gate == "ffn")]
     top_ffn = all_ffn[all_ffn.rank_type == "top"]
-    assert top_ffn["qid"].tolist() == [5, 4, 3]  # FFN order is the reverse of MHA: not mixed
-    assert top_ffn["mean"].iloc[0] == pytest.approx((0.7 + 0.35) / 2)  # mean of the two FFN layer means
+    assert top_ffn["qid"].tolist() == [1, 5, 2]
+    assert top_ffn["value"].iloc[0] == pytest.approx((0.9 + 0.45) / 2)  # FFN values only: kinds never mixed
+    assert top_ffn["value"].iloc[1] == pytest.approx((0.7 + 0.35) / 2)
     assert len(rk[(rk.layer.astype(str) == "0") & (rk.gate == "mha")]) == 5
     # ties: all equal -> still disjoint
     acc = GateStatsAccumulator("global", 1)
@@ -251,17 +253,20 @@ def test_write_stats_csvs(tmp_path, gating_type):
         raw[q] = {(l, k): rng.uniform(-1, 1, shape).astype(f32) for l in range(2) for k in KINDS}
         acc.update(q, raw[q], vid=f"vid{q}", n_clips=t)
     paths = write_stats_csvs(acc, tmp_path / "out", top_n=2)
-    assert set(paths) == set(CSV_FILES)
+    # only the tables the gating type has: no feature dims unless elementwise, no clips for global gating
+    expected = set(CSV_FILES) - ({"per_dim"} if gating_type != "elementwise" else set()) - (
+        {"per_clip_position"} if gating_type == "global" else set())
+    assert set(paths) == expected and set(os.listdir(tmp_path / "out")) == {CSV_FILES[k] for k in expected}
     for key, path in paths.items():
         fname = CSV_FILES[key]
         assert os.path.basename(path) == fname and os.path.isfile(path)
         df = pd.read_csv(path)
         assert list(df.columns) == list(CSV_COLUMNS[fname])
     assert not [f for f in os.listdir(tmp_path / "out") if ".tmp" in f]
-    per_dim = pd.read_csv(paths["per_dim"])
-    assert (len(per_dim) > 0) == (gating_type == "elementwise")  # header-only otherwise
-    per_pos = pd.read_csv(paths["per_clip_position"])
-    assert (len(per_pos) > 0) == (gating_type != "global")
+    if gating_type == "elementwise":
+        assert len(pd.read_csv(paths["per_dim"])) == 2 * 2 * 4
+    if gating_type != "global":
+        assert len(pd.read_csv(paths["per_clip_position"])) > 0
     # float32 values survive the %.9g text round trip exactly
     qs = pd.read_csv(paths["per_query"])
     for q, g in raw.items():

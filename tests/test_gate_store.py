@@ -96,7 +96,7 @@ def test_flush_writes_one_shard_per_call_and_buffer_is_emptied(tmp_path):
     assert w.flush() is None  # nothing buffered
     w.add(1, "a", make_gates(rng, "clipwise", 4))
     path = w.flush()
-    assert os.path.basename(path) == "shard_00000.npz" and w._buffer == []
+    assert os.path.basename(path) == "shard_00000.npz" and w.flush() is None  # the buffer was emptied
     # meta exists but says incomplete until close()
     assert json.loads((tmp_path / "gates" / "meta.json").read_text())["complete"] is False
     with pytest.raises(ValueError, match="incomplete"):

@@ -5,25 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import small_model
+from conftest import demo_dataset, ragged_batch, small_model
 from qd_detr.gates import GateCaptureError, GateRecorder
 from qd_detr.model import NoFusionError
-
-
-def _inputs(opt, lengths, seed=0):
-    """A ragged batch (padding rows zero, masks 1 = valid), as the collate function builds it."""
-    g = torch.Generator().manual_seed(seed)
-    b, lmax = len(lengths), max(lengths)
-    vid = torch.randn(b, lmax, opt.v_feat_dim, generator=g)
-    aud = torch.rand(b, lmax, opt.a_feat_dim, generator=g)
-    txt = torch.randn(b, 5, opt.t_feat_dim, generator=g)
-    mask = torch.zeros(b, lmax)
-    for i, n in enumerate(lengths):
-        mask[i, :n] = 1
-    vid, aud = vid * mask[..., None], aud * mask[..., None]
-    txt_mask = torch.ones(b, 5)
-    txt_mask[0, 3:] = 0
-    return dict(src_txt=txt, src_txt_mask=txt_mask, src_vid=vid, src_vid_mask=mask, src_aud=aud, src_aud_mask=mask)
 
 
 def _manual_gates(model, inputs):
@@ -57,7 +41,7 @@ def _manual_gates(model, inputs):
 def test_recorded_gates_equal_direct_computation_with_padding_excluded(gating):
     model, opt = small_model("custom", gating)
     lengths = [7, 4, 9]
-    inputs = _inputs(opt, lengths)
+    inputs = ragged_batch(opt, lengths)
     got = {}
     with GateRecorder(model.fusion, lambda recs: got.update({r.sample_id: r for r in recs})) as rec:
         rec.set_ids([101, 102, 103])
@@ -89,7 +73,7 @@ def test_legacy_layout_gates_are_one_per_query():
     with GateRecorder(model.fusion, lambda recs: got.update({r.sample_id: r for r in recs})) as rec:
         rec.set_ids(["a", "b"])
         with torch.no_grad():
-            model(**_inputs(opt, [6, 3]))
+            model(**ragged_batch(opt, [6, 3]))
     assert set(got) == {"a", "b"}
     assert got["b"].gates[(0, "mha")].shape == (1,) and got["b"].n_clips == 3
     assert len(got["a"].gates) == 2  # one fusion layer, two gates
@@ -108,12 +92,12 @@ def test_firing_audit_fails_loudly_when_a_hook_fires_twice():
     with GateRecorder(model.fusion, lambda recs: None):
         with pytest.raises(GateCaptureError, match="fired"):
             with torch.no_grad():
-                model(**_inputs(opt, [5, 5]))
+                model(**ragged_batch(opt, [5, 5]))
 
 
 def test_recorder_leaves_outputs_and_state_dict_unchanged():
     model, opt = small_model("custom", "elementwise")
-    inputs = _inputs(opt, [8, 5])
+    inputs = ragged_batch(opt, [8, 5])
     keys_before = list(model.state_dict())
     with torch.no_grad():
         plain = model(**inputs)
@@ -132,7 +116,7 @@ def test_tracking_api_in_train_mode_with_grad_stores_detached_copies():
     fusion.enable_gate_tracking()
     model.train()
     fusion.set_current_sample_id(["q1", "q2"])
-    out = model(**_inputs(opt, [6, 4]))
+    out = model(**ragged_batch(opt, [6, 4]))
     out["pred_logits"].sum().backward()  # tracking must not interfere with training
     rec = fusion.gate_history["q2"]
     assert isinstance(rec.gates[(1, "ffn")], np.ndarray) and rec.gates[(1, "ffn")].shape == (4,)
@@ -142,7 +126,7 @@ def test_tracking_api_in_train_mode_with_grad_stores_detached_copies():
     assert overall["layers.0.gate_mha"]["count"] == 10 and overall["layers.0.gate_mha"]["n_samples"] == 2
     fusion.disable_gate_tracking()
     with torch.no_grad():
-        model(**_inputs(opt, [3]))
+        model(**ragged_batch(opt, [3]))
     assert len(fusion.gate_history) == 2  # nothing recorded while disabled
     with pytest.raises(KeyError):
         fusion.get_gate_statistics("missing")
@@ -153,7 +137,7 @@ def test_single_id_with_batch_names_each_element():
     fusion = model.avigate_fusion.enable_gate_tracking()
     fusion.set_current_sample_id("batch7")
     with torch.no_grad():
-        model(**_inputs(opt, [4, 4, 2]))
+        model(**ragged_batch(opt, [4, 4, 2]))
     assert list(fusion.gate_history) == ["batch7/0", "batch7/1", "batch7/2"]
 
 
@@ -165,20 +149,12 @@ def test_model_without_fusion_has_no_gates():
 
 
 # ------------------------------------------------------------------------------------------ engine
-def _demo_dataset(demo_data, opt):
-    from qd_detr.annotations import read_jsonl
-    from qd_detr.dataset import build_dataset
-    root, paths = demo_data
-    dirs = dict(v_feat_dirs=paths["v_feat_dirs"], t_feat_dir=paths["t_feat_dir"], a_feat_dir=paths["a_feat_dir"])
-    return build_dataset(opt, read_jsonl(paths["jsonl"]["val"]), dirs)
-
-
 def test_engine_sink_captures_what_a_recorder_around_the_loop_captures(demo_data):
     """iterate_batches(sink=...) names records by qid, pauses them in exact re-runs, leaves outputs as they are."""
     from qd_detr.batching import make_batches
     from qd_detr.engine import iterate_batches
     model, opt = small_model("custom", "clipwise", seed=1)
-    dataset = _demo_dataset(demo_data, opt)
+    dataset = demo_dataset(opt, demo_data[1])
     batches = make_batches(dataset, "query", 4)
     kw = dict(progress=False, exact=True)
     manual, engine, stats = {}, {}, {}
@@ -201,7 +177,7 @@ def test_run_batches_restores_mode_and_pauses_user_tracking(demo_data):
     from qd_detr.batching import collated_batches, sequential_batches
     from qd_detr.engine import capture_gates
     model, opt = small_model("custom", "elementwise", seed=2)
-    dataset = _demo_dataset(demo_data, opt)
+    dataset = demo_dataset(opt, demo_data[1])
     fusion = model.fusion.enable_gate_tracking()
     model.train()
     got = {}
@@ -222,7 +198,7 @@ def test_tracking_api_writes_statistics_and_the_comparison_plot(tmp_path):
     fusion = model.fusion.enable_gate_tracking()
     fusion.set_current_sample_id([11, 12])
     with torch.no_grad():
-        model(**_inputs(opt, [6, 3]))
+        model(**ragged_batch(opt, [6, 3]))
     paths = fusion.save_gate_analysis(tmp_path / "out")
     saved = json.loads(open(paths["statistics"]).read())
     assert saved["gating_type"] == "clipwise" and saved["statistics"]["layers.0.gate_mha"]["n_samples"] == 2

@@ -4,7 +4,7 @@ import pytest
 import torch
 from scipy import stats
 
-from conftest import small_model
+from conftest import demo_dataset, small_model
 from gate_analysis.ground_truth import (
     CSV_COLUMNS,
     GLOBAL_NOTE,
@@ -17,7 +17,6 @@ from gate_analysis.rank_stats import auroc, midranks
 from gate_analysis.store import GateStoreWriter, load_gate_run
 from qd_detr.dataset import collate, model_kwargs, read_jsonl
 from qd_detr.gates import GateRecorder
-from qd_detr.inference import build_dataset
 
 
 @pytest.mark.parametrize("scores,labels,want", [
@@ -128,9 +127,8 @@ def test_model_gates_set_to_follow_the_audio_signal_separate_relevant_clips(demo
     space that separates clips with the demo audio signal; the gates must then follow the relevant windows."""
     _, paths = demo_data
     model, opt = small_model("custom", "clipwise", seed=6)
-    dirs = {"v_feat_dirs": paths["v_feat_dirs"], "t_feat_dir": paths["t_feat_dir"], "a_feat_dir": paths["a_feat_dir"]}
     records = read_jsonl(paths["jsonl"]["val"])
-    dataset = build_dataset(opt, records, dirs)
+    dataset = demo_dataset(opt, paths)
     signal_clips = {}  # the demo's audio signal sits on the clips relevant to any query of the video
     for r in records:
         signal_clips.setdefault(r["vid"], set()).update(r["relevant_clip_ids"])

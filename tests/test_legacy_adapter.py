@@ -1,15 +1,21 @@
 """Legacy adapter: checkpoints and in-memory models become trackable with every weight and output unchanged."""
-import argparse
 import copy
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import requires_fixtures, save_checkpoint, small_model, small_options
+from conftest import (
+    FIXTURES,
+    fusion_batch,
+    requires_fixtures,
+    save_checkpoint,
+    small_checkpoint,
+    small_model,
+    small_options,
+)
 from gate_analysis.legacy import (
     PROBE_LENGTHS,
     EquivalenceError,
@@ -24,20 +30,6 @@ from qd_detr.config import fusion_variant
 from qd_detr.errors import ConfigError
 from qd_detr.gates import fusion_gate_kinds
 from qd_detr.model import NoFusionError, build_model
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-FIXTURES = SHARED / "fixtures"
-requires_shared = pytest.mark.skipif(not (FIXTURES / "ckpt_custom_global" / "model.ckpt").is_file(),
-                                     reason=f"{SHARED} (shared fixtures) not present")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster and immune to CPU contention (restored afterwards)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _probe(opt, seed=7, lengths=(9, 5, 2)):
@@ -66,8 +58,7 @@ def _assert_same_outputs(a, b, atol=1e-6):
 @pytest.mark.parametrize("layout,gating", [("custom", "global"), ("custom", "clipwise"), ("custom", "elementwise"),
                                            ("avigate", "global")])
 def test_checkpoint_is_rebuilt_with_every_tensor_and_output_unchanged(tmp_path, layout, gating):
-    source, opt = small_model(layout, gating, seed=3)
-    path = save_checkpoint(tmp_path / "model.ckpt", source, opt)
+    path, source, opt = small_checkpoint(tmp_path / "model.ckpt", layout, gating, seed=3)
     model, _, report = load_legacy_model_with_gate_tracking(path, device="cpu", return_details=True)
     adapter = report["legacy_adapter"]
 
@@ -104,8 +95,8 @@ def test_checkpoint_is_rebuilt_with_every_tensor_and_output_unchanged(tmp_path, 
 
 
 def test_tracking_after_loading_records_every_query_without_padding(tmp_path):
-    source, opt = small_model("custom", "clipwise", seed=4)
-    model = load_legacy_model_with_gate_tracking(save_checkpoint(tmp_path / "m.ckpt", source, opt), device="cpu")
+    path, source, opt = small_checkpoint(tmp_path / "m.ckpt", "custom", "clipwise", seed=4)
+    model = load_legacy_model_with_gate_tracking(path, device="cpu")
     inputs = _probe(opt)
     model.fusion.set_current_sample_id([11, 12, 13])
     with torch.no_grad():
@@ -123,7 +114,7 @@ def test_known_legacy_prefixes_are_mapped_and_reported(tmp_path, prefix, rule):
         sd = {prefix + k: v for k, v in sd.items()}
     else:
         sd = {(prefix + k[len("fusion."):]) if k.startswith("fusion.") else k: v for k, v in sd.items()}
-    torch.save({"model": sd, "epoch": 1, "opt": argparse.Namespace(**vars(opt))}, tmp_path / "m.ckpt")
+    save_checkpoint(tmp_path / "m.ckpt", sd, opt, epoch=1)
     model, _, report = load_legacy_model_with_gate_tracking(tmp_path / "m.ckpt", device="cpu", return_details=True)
     renames = dict(map(tuple, report["legacy_adapter"]["key_renames"]))
     assert renames[rule] == sum(1 for k in sd if k.startswith(prefix))
@@ -134,9 +125,7 @@ def _tampered(tmp_path, edit):
     source, opt = small_model("custom", "clipwise", seed=6)
     sd = dict(source.state_dict())
     edit(sd)
-    path = tmp_path / "tampered.ckpt"
-    torch.save({"model": sd, "epoch": 0, "opt": argparse.Namespace(**vars(opt))}, path)
-    return path
+    return save_checkpoint(tmp_path / "tampered.ckpt", sd, opt)
 
 
 def test_renamed_key_is_named(tmp_path):
@@ -185,9 +174,9 @@ def test_key_table_covers_every_layout_and_refuses_mixed_layouts():
 
 
 def test_model_without_fusion_is_refused_with_the_reason(tmp_path):
-    source, opt = small_model("video_only", seed=1)
+    path, _, _ = small_checkpoint(tmp_path / "v.ckpt", "video_only", seed=1)
     with pytest.raises(NoFusionError, match="has no fusion module, so no gates"):
-        load_legacy_model_with_gate_tracking(save_checkpoint(tmp_path / "v.ckpt", source, opt), device="cpu")
+        load_legacy_model_with_gate_tracking(path, device="cpu")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -195,8 +184,7 @@ def test_model_without_fusion_is_refused_with_the_reason(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 def test_gating_type_conflict_names_both(tmp_path):
-    source, opt = small_model("custom", "clipwise", seed=2)
-    path = save_checkpoint(tmp_path / "c.ckpt", source, opt)
+    path, _, _ = small_checkpoint(tmp_path / "c.ckpt", "custom", "clipwise", seed=2)
     with pytest.raises(ConfigError, match="--gating_type global conflicts with the checkpoint's gating_type clipwise"):
         load_legacy_model_with_gate_tracking(path, gating_type="global", device="cpu")
 
@@ -469,11 +457,9 @@ def test_in_memory_model_without_fusion_is_refused():
 SSM_KW = dict(ssm_band_width=3, ssm_enc_channels=8, ssm_dilations=[1, 3], ssm_diag_subtract=0.25)  # not the defaults
 
 
-def _fusion_inputs(lengths=(9, 5, 2), seed=11):
-    """Inputs of a bare fusion module (projected features, hidden 256), padded rows zero."""
-    g = torch.Generator().manual_seed(seed)
-    mask = (torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]).float()
-    v, a = (torch.randn(len(lengths), max(lengths), 256, generator=g) * mask[..., None] for _ in range(2))
+def _fusion_inputs(lengths):
+    """Keyword inputs of a bare fusion module (projected features, hidden 256), padded rows zero."""
+    v, a, mask = fusion_batch(lengths, seed=11)
     return dict(video_feat=v, audio_feat=a, video_mask=mask, audio_mask=mask)
 
 
@@ -696,7 +682,7 @@ def test_v1_non_global_gating_needs_one_reading(gating):
 # the original research checkpoints
 # ------------------------------------------------------------------------------------------------
 
-@requires_shared
+@requires_fixtures
 def test_fixture_layers_keep_their_own_trained_weights():
     """The predecessor replicated layer 0 into every layer; the trained layer 1 must survive untouched."""
     path = FIXTURES / "ckpt_custom_global" / "model.ckpt"

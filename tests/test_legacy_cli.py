@@ -1,53 +1,34 @@
 """test_legacy_model.py (compatibility report, exit codes) and run_gate_analysis.py --legacy_model."""
-import argparse
 import filecmp
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import demo_feature_args, save_checkpoint, small_model
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-FIXTURES = SHARED / "fixtures"
-requires_shared = pytest.mark.skipif(not (FIXTURES / "data").is_dir(), reason=f"{SHARED} (shared fixtures) not present")
-
-import test_legacy_model as compat_cli  # noqa: E402  (top-level script; pytest collects only tests/)
-
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster and immune to CPU contention (restored afterwards)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _report(capsys, argv):
-    code = compat_cli.main([*argv, "--json", "--device", "cpu"])
-    out, err = capsys.readouterr()
-    assert len(out.strip().splitlines()) == 1
-    return code, json.loads(out), err
+import test_legacy_model as compat_cli  # the top-level script (pytest collects only tests/)
+from conftest import (
+    FIXTURE_DATA,
+    FIXTURES,
+    demo_data_args,
+    fixture_feature_args,
+    legacy_report,
+    requires_fixtures,
+    run_gate_analysis_main,
+    run_python,
+    save_checkpoint,
+    small_checkpoint,
+)
 
 
 def _script(argv):
-    return subprocess.run([sys.executable, str(ROOT / "test_legacy_model.py"), *argv], capture_output=True,
-                          text=True, env=ENV, cwd=ROOT, timeout=300)
+    return run_python("test_legacy_model.py", *argv, timeout=300)
 
 
 @pytest.fixture
 def small_ckpt(tmp_path):
-    model, opt = small_model("custom", "clipwise", seed=21)
-    return save_checkpoint(tmp_path / "model.ckpt", model, opt), model, opt
+    return small_checkpoint(tmp_path / "model.ckpt", "custom", "clipwise", seed=21)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -61,11 +42,11 @@ FIXTURE_EXPECT = {
 }
 
 
-@requires_shared
+@requires_fixtures
 @pytest.mark.parametrize("name", sorted(FIXTURE_EXPECT))
 def test_fixture_checkpoints_are_compatible(capsys, name):
     layout, gating, params, tensors, layers, shapes = FIXTURE_EXPECT[name]
-    code, rep, err = _report(capsys, ["--model_path", str(FIXTURES / name / "model.ckpt")])
+    code, rep, err = legacy_report(capsys, ["--model_path", str(FIXTURES / name / "model.ckpt")])
     assert code == 0 and rep["compatible"] and err == ""
     got = (rep["layout"], rep["gating_type"], rep["n_parameters"], rep["fusion_layers"])
     assert got == (layout, gating, params, layers)
@@ -79,23 +60,20 @@ def test_fixture_checkpoints_are_compatible(capsys, name):
     assert all(g["recorded_shapes"] == shapes for g in rep["gates"]["layers"])
 
 
-@requires_shared
+@requires_fixtures
 def test_fixture_without_fusion_is_incompatible_with_the_reason(capsys):
-    code, rep, err = _report(capsys, ["--model_path", str(FIXTURES / "ckpt_main_plain" / "model.ckpt")])
+    code, rep, err = legacy_report(capsys, ["--model_path", str(FIXTURES / "ckpt_main_plain" / "model.ckpt")])
     assert code == 1 and rep["status"] == "incompatible" and not rep["compatible"]
     assert "has no fusion module, so no gates" in rep["reason"]
     assert rep["n_parameters"] == 3_507_490 and rep["key_match"]["matched"] == 117
     assert err.startswith("incompatible: ") and len(err.strip().splitlines()) == 1
 
 
-@requires_shared
+@requires_fixtures
 def test_fixture_real_batch_gates_equal_the_original_code(capsys):
-    d = FIXTURES / "data"
-    code, rep, _ = _report(capsys, [
+    code, rep, _ = legacy_report(capsys, [
         "--model_path", str(FIXTURES / "ckpt_custom_clipwise" / "model.ckpt"), "--batch_size", "2",
-        "--data_path", str(d / "highlight_val_release.jsonl"), "--v_feat_dirs", str(d / "slowfast_features"),
-        str(d / "clip_features"), "--t_feat_dir", str(d / "clip_text_features"),
-        "--a_feat_dir", str(d / "pann_features")])
+        "--data_path", str(FIXTURE_DATA / "highlight_val_release.jsonl"), *fixture_feature_args()])
     assert code == 0
     batch = rep["real_batch"]
     assert batch["qids"] == [5000, 5001] and batch["passed"] and batch["max_abs_diff_tracking_on_vs_off"] == 0.0
@@ -134,7 +112,7 @@ def test_tampered_checkpoint_exits_1_naming_the_key(capsys, small_ckpt, tmp_path
     path, model, opt = small_ckpt
     sd = dict(model.state_dict())
     del sd["fusion.fusion_layers.0.gating_function.mlp_ffn.2.bias"]
-    torch.save({"model": sd, "epoch": 0, "opt": argparse.Namespace(**vars(opt))}, tmp_path / "t.ckpt")
+    save_checkpoint(tmp_path / "t.ckpt", sd, opt)
     code = compat_cli.main(["--model_path", str(tmp_path / "t.ckpt"), "--device", "cpu"])
     out, err = capsys.readouterr()
     assert code == 1 and len(err.splitlines()) == 1
@@ -149,7 +127,7 @@ def test_unreadable_input_exits_2(capsys, tmp_path, small_ckpt, content):
         path.write_bytes(Path(small_ckpt[0]).read_bytes()[:5000])
     else:
         path.write_bytes(content)
-    code, rep, err = _report(capsys, ["--model_path", str(path)])
+    code, rep, err = legacy_report(capsys, ["--model_path", str(path)])
     assert code == 2 and rep["stage"] == "read" and not rep["compatible"]
     assert err.startswith("error: ") and str(path) in err
     assert "not a readable PyTorch checkpoint" in err or "empty (0 bytes)" in err
@@ -158,10 +136,10 @@ def test_unreadable_input_exits_2(capsys, tmp_path, small_ckpt, content):
 
 def test_gating_type_conflict_and_missing_gating_type_exit_2(capsys, small_ckpt, tmp_path):
     path, model, opt = small_ckpt
-    code, rep, err = _report(capsys, ["--model_path", str(path), "--gating_type", "global"])
+    code, rep, err = legacy_report(capsys, ["--model_path", str(path), "--gating_type", "global"])
     assert code == 2 and "--gating_type global conflicts with the checkpoint's gating_type clipwise" in err
     torch.save(model.state_dict(), tmp_path / "bare.ckpt")
-    code, rep, err = _report(capsys, ["--model_path", str(tmp_path / "bare.ckpt")])
+    code, rep, err = legacy_report(capsys, ["--model_path", str(tmp_path / "bare.ckpt")])
     assert code == 2 and "cannot tell them apart" in rep["reason"]
     assert rep["checkpoint"]["stated_gating_type"] is None
     assert "identical weight names and shapes" in rep["checkpoint"]["gating_type_source"]
@@ -172,14 +150,14 @@ def test_bare_state_dict_loads_with_architecture_flags(capsys, small_ckpt, tmp_p
     path, model, opt = small_ckpt
     bare = tmp_path / "bare.ckpt"
     torch.save(model.state_dict(), bare)
-    code, rep, err = _report(capsys, ["--model_path", str(bare), "--gating_type", "clipwise"])
+    code, rep, err = legacy_report(capsys, ["--model_path", str(bare), "--gating_type", "clipwise"])
     assert code == 2 and "--nheads" in rep["reason"] and "--fusion_n_heads" in rep["reason"]
-    code, rep, err = _report(capsys, ["--model_path", str(bare), "--gating_type", "clipwise",
+    code, rep, err = legacy_report(capsys, ["--model_path", str(bare), "--gating_type", "clipwise",
                                       "--nheads", str(opt.nheads), "--fusion_n_heads", str(opt.fusion_n_heads)])
     assert code == 0 and rep["compatible"] and rep["gating_type_source"] == "given", err
     assert rep["fusion_n_heads"] == opt.fusion_n_heads
     wrong = opt.nheads * 2
-    code, rep, err = _report(capsys, ["--model_path", str(path), "--nheads", str(wrong)])
+    code, rep, err = legacy_report(capsys, ["--model_path", str(path), "--nheads", str(wrong)])
     assert code == 2 and f"nheads={wrong} was given but the checkpoint's options say nheads={opt.nheads}" in err
 
 
@@ -197,11 +175,8 @@ def test_text_report_lists_every_section(capsys, small_ckpt):
 # ------------------------------------------------------------------------------------------------
 
 def _analysis(out_dir, ckpt, paths, extra):
-    import run_gate_analysis
-    from qd_detr.cli import run_main
-    argv = ["--model_path", str(ckpt), "--data_path", paths["jsonl"]["val"], *demo_feature_args(paths["root"]),
-            "--output_dir", str(out_dir), "--device", "cpu", "--quiet", "--no_plots", *extra]
-    assert run_main(run_gate_analysis.main, argv) == 0
+    assert run_gate_analysis_main("--model_path", ckpt, *demo_data_args(paths), "--output_dir", out_dir,
+                                  "--device", "cpu", "--quiet", "--no_plots", *extra) == 0
     return json.loads((out_dir / "run.json").read_text())
 
 
@@ -209,8 +184,7 @@ def _analysis(out_dir, ckpt, paths, extra):
 def legacy_and_plain_runs(tmp_path_factory, demo_data):
     _, paths = demo_data
     tmp = tmp_path_factory.mktemp("legacy_flag")
-    model, opt = small_model("custom", "global", seed=22)
-    ckpt = save_checkpoint(tmp / "model.ckpt", model, opt)
+    ckpt, _, _ = small_checkpoint(tmp / "model.ckpt", "custom", "global", seed=22)
     plain = _analysis(tmp / "plain", ckpt, paths, [])
     legacy = _analysis(tmp / "legacy", ckpt, paths, ["--legacy_model"])
     return tmp, plain, legacy

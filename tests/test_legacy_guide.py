@@ -2,32 +2,24 @@
 import filecmp
 import io
 import json
-import os
 import shlex
-import subprocess
 import sys
-from pathlib import Path
 
 import pexpect
 import pytest
-import torch
 
-from conftest import save_checkpoint, small_model
+import legacy_model_guide as guide  # the top-level script (pytest collects only tests/)
+from conftest import (
+    ROOT,
+    SCRIPT_ENV,
+    run_gate_analysis_main,
+    run_python,
+    save_checkpoint,
+    small_checkpoint,
+    small_model,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
 GUIDE = ROOT / "legacy_model_guide.py"
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-
-import legacy_model_guide as guide  # noqa: E402
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster and immune to CPU contention (restored afterwards)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +50,7 @@ def test_guide_in_a_terminal_checks_then_analyses_and_prints_the_command(trained
     ckpt, paths = trained
     out = tmp_path / "analysis"
     child = pexpect.spawn(sys.executable, [str(GUIDE), "--no_plots", "--quiet", "--device", "cpu"], cwd=str(tmp_path),
-                          env=ENV, encoding="utf-8", timeout=300, dimensions=(60, 500))
+                          env=SCRIPT_ENV, encoding="utf-8", timeout=300, dimensions=(60, 500))
     log = io.StringIO()
     child.logfile_read = log
     try:
@@ -85,6 +77,12 @@ def test_guide_in_a_terminal_checks_then_analyses_and_prints_the_command(trained
         child.expect_exact("expected a positive number, got 'many'; please try again")
         child.expect_exact("[all]: ")
         child.sendline("5")
+        child.expect_exact("one extra inference pass over the analysed queries per intervention")
+        child.expect_exact("none = skip) [none]: ")  # the causal analyses are offered
+        child.sendline("")
+        child.expect_exact("(--contributions: measured during the main pass, no extra pass; "
+                           "gate_contributions.csv)? [y/N]: ")
+        child.sendline("")
         child.expect_exact("Output folder [")
         child.sendline(str(out))
         child.expect_exact("Run the compatibility check and the analysis now? [Y/n]: ")
@@ -107,11 +105,9 @@ def test_guide_in_a_terminal_checks_then_analyses_and_prints_the_command(trained
     assert run["checkpoint"]["load_report"]["legacy_adapter"]["equivalence"]["passed"]
 
     # the printed command is the analysis: run again elsewhere, same files
-    import run_gate_analysis
-    from qd_detr.cli import run_main
     again = tmp_path / "again"
     argv[argv.index("--output_dir") + 1] = str(again)
-    assert run_main(run_gate_analysis.main, argv) == 0
+    assert run_gate_analysis_main(*argv) == 0
     files = [p.relative_to(out) for p in out.rglob("*") if p.is_file() and p.name not in ("run.json", "summary.txt", "report.html")]
     assert any(str(f).startswith("gates") for f in files)
     assert all(filecmp.cmp(out / f, again / f, shallow=False) for f in files)
@@ -122,10 +118,9 @@ def test_guide_reads_piped_answers_and_asks_again_on_bad_ones(trained, tmp_path)
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("mine")
-    answers = [str(ckpt), "", "", "", paths["a_feat_dir"], "0", "3", "13 999", "13 14", str(busy), "n",
-               str(tmp_path / "fresh")]
-    res = subprocess.run([sys.executable, str(GUIDE), "--no_run", "--device", "cpu"], input="\n".join(answers) + "\n",
-                         capture_output=True, text=True, cwd=tmp_path, env=ENV, timeout=300)
+    answers = [str(ckpt), "", "", "", paths["a_feat_dir"], "0", "3", "13 999", "13 14", "", "", str(busy), "n",
+               str(tmp_path / "fresh")]  # "", "": no --ablate, no --contributions
+    res = run_python(GUIDE, "--no_run", "--device", "cpu", input="\n".join(answers) + "\n", cwd=tmp_path, timeout=300)
     assert res.returncode == 0, res.stderr
     assert res.stderr == ""
     assert "expected a number between 1 and 12; please try again" in res.stdout
@@ -151,7 +146,8 @@ def test_guide_end_of_input_stops_with_one_line(capsys, monkeypatch, trained, tm
 
 def test_guide_ctrl_c_stops_with_one_line(trained, tmp_path):
     ckpt, _ = trained
-    child = pexpect.spawn(sys.executable, [str(GUIDE)], cwd=str(tmp_path), env=ENV, encoding="utf-8", timeout=300)
+    child = pexpect.spawn(sys.executable, [str(GUIDE)], cwd=str(tmp_path), env=SCRIPT_ENV, encoding="utf-8",
+                          timeout=300)
     log = io.StringIO()
     child.logfile_read = log
     try:
@@ -196,16 +192,15 @@ def test_non_interactive_missing_or_bad_answers_are_one_error_line(capsys, train
 
 
 def test_non_interactive_model_without_fusion_exits_1(capsys, tmp_path):
-    model, opt = small_model("video_only", seed=2)
-    ckpt = save_checkpoint(tmp_path / "plain.ckpt", model, opt)
+    ckpt, _, _ = small_checkpoint(tmp_path / "plain.ckpt", "video_only", seed=2)
     assert guide.main(["--non-interactive", "--model_path", str(ckpt)]) == 1
     assert "has no fusion module, so no gates" in capsys.readouterr().err
 
 
 def test_saved_relative_paths_are_found_from_the_training_repo_root(tmp_path):
-    from gate_analysis.guide import saved_path as _saved_path
+    from gate_analysis.guide import saved_path
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "val.jsonl").write_text("")
     ckpt = tmp_path / "results" / "run" / "model_best.ckpt"
-    assert _saved_path("data/val.jsonl", ckpt) == str(tmp_path / "data" / "val.jsonl")
-    assert _saved_path("../features/x", ckpt) is None
+    assert saved_path("data/val.jsonl", ckpt) == str(tmp_path / "data" / "val.jsonl")
+    assert saved_path("../features/x", ckpt) is None

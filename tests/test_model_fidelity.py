@@ -3,44 +3,19 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FIXTURE_DATA, FIXTURE_NAMES, FIXTURES, requires_fixtures, small_model
+from conftest import (
+    FIXTURE_NAMES,
+    FIXTURES,
+    SMALL_SSM,
+    demo_dataset,
+    fixture_val_dataset,
+    forward_batches,
+    requires_fixtures,
+    small_model,
+)
 from qd_detr.checkpoint import load_checkpoint
-from qd_detr.dataset import collate, model_kwargs, read_jsonl
-from qd_detr.gates import GateRecorder
-from qd_detr.inference import build_dataset
 
 TOL = 1e-5
-
-
-def _fixture_dataset(opt):
-    d = FIXTURE_DATA
-    dirs = {"v_feat_dirs": [str(d / "slowfast_features"), str(d / "clip_features")],
-            "t_feat_dir": str(d / "clip_text_features"),
-            "a_feat_dir": str(d / "pann_features") if opt.a_feat_dir is not None else None}
-    return build_dataset(opt, read_jsonl(d / "highlight_val_release.jsonl"), dirs)
-
-
-def _run(model, dataset, batches):
-    """Outputs and captured gates per qid, for the given index batches."""
-    outputs, gates = {}, {}
-    recorder = GateRecorder(model.fusion, lambda recs: gates.update({r.sample_id: r for r in recs})) \
-        if model.fusion is not None else None
-    if recorder:
-        recorder.attach()
-    try:
-        for idx in batches:
-            metas, inputs = collate([dataset[i] for i in idx])
-            if recorder:
-                recorder.set_ids([m["qid"] for m in metas])
-            with torch.no_grad():
-                out = model(**model_kwargs(inputs))
-            for i, m in enumerate(metas):
-                outputs[m["qid"]] = {k: out[k][i].numpy() for k in ("pred_logits", "pred_spans", "saliency_scores")}
-                outputs[m["qid"]]["n"] = int(inputs["src_vid_mask"][i].sum())
-    finally:
-        if recorder:
-            recorder.detach()
-    return outputs, gates
 
 
 def _max_diffs(ref, outputs, gates, trim):
@@ -67,8 +42,8 @@ def test_fixture_per_query_semantics_equal_batch_size_one(name):
     model, opt, report = load_checkpoint(FIXTURES / name / "model.ckpt")
     assert report["keys"]["missing"] == 0 and report["keys"]["unexpected"] == 0
     ref = np.load(FIXTURES / name / "reference_outputs_bs1.npz")
-    dataset = _fixture_dataset(opt)
-    outputs, gates = _run(model, dataset, [list(range(len(dataset)))])
+    dataset = fixture_val_dataset(opt)
+    outputs, gates = forward_batches(model, dataset, [list(range(len(dataset)))])
     worst = _max_diffs(ref, outputs, gates, trim=True)
     assert set(outputs) == {int(q) for q in ref["__qids__"]}
     assert all(v <= TOL for v in worst.values()), worst
@@ -82,8 +57,8 @@ def test_fixture_original_batching_reproduces_original_batch(name):
     """'original' mode reproduces the original batched outputs (quirks included) for the batch of 16."""
     model, opt, _ = load_checkpoint(FIXTURES / name / "model.ckpt", batching="original")
     ref = np.load(FIXTURES / name / "reference_outputs_batched.npz")
-    dataset = _fixture_dataset(opt)
-    outputs, gates = _run(model, dataset, [list(range(len(dataset)))])
+    dataset = fixture_val_dataset(opt)
+    outputs, gates = forward_batches(model, dataset, [list(range(len(dataset)))])
     worst = _max_diffs(ref, outputs, {} if model.fusion is None else gates, trim=False)
     assert all(v <= TOL for v in worst.values()), worst
 
@@ -93,31 +68,28 @@ def test_original_batching_differs_from_per_query_where_the_original_is_batch_de
     """The two semantics are really different for a global-gate model (padding enters the pooled gate)."""
     ref = np.load(FIXTURES / "ckpt_custom_global" / "reference_outputs_bs1.npz")
     model, opt, _ = load_checkpoint(FIXTURES / "ckpt_custom_global" / "model.ckpt", batching="original")
-    dataset = _fixture_dataset(opt)
-    outputs, gates = _run(model, dataset, [list(range(len(dataset)))])
+    dataset = fixture_val_dataset(opt)
+    outputs, gates = forward_batches(model, dataset, [list(range(len(dataset)))])
     assert _max_diffs(ref, outputs, gates, trim=True)["gates"] > 1e-3
 
 
 V2_FILM = dict(mha_gate_temp=2.0, ffn_gate_film=True)
-SSM = dict(ssm_band_width=3, ssm_enc_channels=8, ssm_dilations=[1, 2], ssm_diag_subtract=0.1, ssm_use_video_branch=1)
 
 
 @pytest.mark.parametrize("layout,gating,extra", [
     ("custom", "global", {}), ("custom", "clipwise", {}), ("custom", "elementwise", {}), ("avigate", "global", {}),
     ("concat", None, {}), ("video_only", None, {}), ("custom", "global", V2_FILM), ("custom", "elementwise", V2_FILM),
-    ("custom", "global", dict(mha_gate_temp=1.5)), ("custom", "global_diagstrip_ssm", SSM),
-    ("custom", "global", dict(SSM))])
+    ("custom", "global", dict(mha_gate_temp=1.5)), ("custom", "global_diagstrip_ssm", SMALL_SSM),
+    ("custom", "global", dict(SMALL_SSM))])
 def test_batched_equals_single_in_query_mode(demo_data, layout, gating, extra):
     """Project-built models: outputs and gates of a ragged batch equal one-at-a-time runs."""
     root, paths = demo_data
     model, opt = small_model(layout, gating or "global", seed=1, **extra)
-    dirs = {"v_feat_dirs": paths["v_feat_dirs"], "t_feat_dir": paths["t_feat_dir"],
-            "a_feat_dir": paths["a_feat_dir"] if layout != "video_only" else None}
-    dataset = build_dataset(opt, read_jsonl(paths["jsonl"]["val"]), dirs)
+    dataset = demo_dataset(opt, paths, audio=layout != "video_only")
     lengths = dataset.ctx_lengths()
     assert len(set(lengths)) > 1, "the demo data must have ragged lengths for this test to mean anything"
-    single, single_gates = _run(model, dataset, [[i] for i in range(len(dataset))])
-    batched, batched_gates = _run(model, dataset, [list(range(len(dataset)))])
+    single, single_gates = forward_batches(model, dataset, [[i] for i in range(len(dataset))])
+    batched, batched_gates = forward_batches(model, dataset, [list(range(len(dataset)))])
     for qid, out in single.items():
         n = out["n"]
         for key in ("pred_logits", "pred_spans"):
@@ -158,8 +130,7 @@ def test_batched_predictions_equal_batch_size_one(demo_data, gating, seed):
     root, paths = demo_data
     model, opt = small_model("custom", gating, seed=seed)
     model.set_batching("query")
-    dirs = {"v_feat_dirs": paths["v_feat_dirs"], "t_feat_dir": paths["t_feat_dir"], "a_feat_dir": paths["a_feat_dir"]}
-    dataset = build_dataset(opt, read_jsonl(paths["jsonl"]["val"]), dirs)
+    dataset = demo_dataset(opt, paths)
     device = torch.device("cpu")
     alone = predict(model, dataset, [[i] for i in range(len(dataset))], device, progress=False)
     stats = {}

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import small_model
+from conftest import demo_split_dataset, small_model
 from gate_analysis.monitor import (
     EVOLUTION_COLUMNS,
     DatasetBatches,
@@ -15,28 +15,15 @@ from gate_analysis.monitor import (
     read_gate_evolution,
     summarize_gate_evolution,
 )
-from qd_detr.dataset import QVHighlightsDataset, model_kwargs
+from qd_detr.dataset import model_kwargs
 from qd_detr.errors import ConfigError, DataError
 from qd_detr.gates import GateRecorder
 from qd_detr.model import NoFusionError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and a busy 2-core machine does not oversubscribe."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def val_dataset(demo_data):
-    root, _ = demo_data
-    root = str(root)
-    return QVHighlightsDataset(os.path.join(root, "highlight_val_release.jsonl"),
-                               [os.path.join(root, "slowfast_features"), os.path.join(root, "clip_features")],
-                               os.path.join(root, "clip_text_features"), os.path.join(root, "pann_features"))
+    return demo_split_dataset(demo_data[0], "val")
 
 
 def _direct_means(model, batches):

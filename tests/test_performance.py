@@ -5,6 +5,7 @@ import pytest
 
 from gate_analysis.performance import (
     CSV_COLUMNS,
+    ablation_join,
     apply_subset,
     correlation_table,
     failure_cases,
@@ -61,13 +62,19 @@ def test_performance_table_joins_metrics_and_gates_and_correlates():
     assert c.loc["layers.all.gate_mha", "rho"] > 0.9 and c.loc["layers.all.gate_ffn", "rho"] < -0.9
     assert c.loc["layers.0.gate_mha", "n"] == 8
     assert corr[corr["x"] == "gate_std"]["rho"].isna().all()  # constant std: undefined, never a number
-    # an ablation frame adds its effect columns and correlation rows
-    abl = pd.DataFrame({"qid": list(range(8)), "intervention": "zero@all:both",
-                        "delta_top1_iou": np.linspace(-0.5, 0.2, 8), "delta_mr_ap": np.linspace(-50, 0, 8),
-                        "delta_hl_ap_verygood": np.zeros(8)})
-    perf2 = performance_table(lines, recs, _query_stats(range(8), means), ablation=abl, reference="zero@all:both")
-    assert perf2["ablation_delta_mr_ap"].notna().all() and (perf2["ablation_intervention"] == "zero@all:both").all()
-    corr2 = correlation_table(perf2, abl)
+    # an ablation frame: every intervention's effect joined per query x gate, and correlation rows
+    abl = pd.concat([pd.DataFrame({"qid": list(range(8)), "intervention": name,
+                                   "delta_top1_iou": np.linspace(-0.5, 0.2, 8) * sign,
+                                   "delta_mr_ap": np.linspace(-50, 0, 8) * sign, "delta_hl_ap_verygood": np.zeros(8)})
+                     for name, sign in (("zero@all:both", 1), ("audio_zero", -1))], ignore_index=True)
+    joined = ablation_join(perf, abl)
+    assert list(joined.columns) == list(CSV_COLUMNS["gate_performance_ablation.csv"])
+    assert len(joined) == 2 * len(perf) and list(dict.fromkeys(joined["intervention"])) == ["zero@all:both",
+                                                                                          "audio_zero"]
+    row = joined[(joined["qid"] == 3) & (joined["intervention"] == "audio_zero") & (joined["name"] == "layers.0.gate_mha")]
+    assert row["delta_mr_ap"].item() == pytest.approx(-np.linspace(-50, 0, 8)[3])
+    assert row["gate_mean"].item() == pytest.approx(means[(3, 0, "mha")])
+    corr2 = correlation_table(perf, abl)
     e = corr2[(corr2["intervention"] == "zero@all:both") & (corr2["y"] == "delta_mr_ap")
               & (corr2["x"] == "gate_mean")].set_index("name")
     assert e.loc["layers.all.gate_mha", "rho"] == pytest.approx(-1.0)

@@ -9,31 +9,28 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import demo_feature_args, save_checkpoint, small_model
+from conftest import demo_data_args, run_gate_analysis_main, small_checkpoint
 from gate_analysis import ablation, compare, ground_truth, performance
 from gate_analysis.report import build_report
-from qd_detr.cli import run_main
 from qd_detr.dataset import read_jsonl
-from run_gate_analysis import main
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 
 
 def _run(*argv):
-    return run_main(main, [str(a) for a in argv] + ["--quiet", "--device", "cpu"])
+    return run_gate_analysis_main(*argv, "--quiet", "--device", "cpu")
 
 
 @pytest.fixture(scope="module")
 def full_run(demo_data, tmp_path_factory):
-    root, paths = demo_data
+    _, paths = demo_data
     tmp = tmp_path_factory.mktemp("report")
-    model, opt = small_model("custom", "clipwise", seed=7)
-    ckpt = save_checkpoint(tmp / "model.ckpt", model, opt)
+    ckpt, _, _ = small_checkpoint(tmp / "model.ckpt", "custom", "clipwise", seed=7)
     qids = [r["qid"] for r in read_jsonl(paths["jsonl"]["val"])]
     subset = tmp / "audio_queries.txt"
     subset.write_text("# audio-related\n" + "\n".join(map(str, qids[:5])) + "\n")
     out = tmp / "out"
-    common = ["--model_path", ckpt, "--data_path", paths["jsonl"]["val"], "--batch_size", 4, *demo_feature_args(root)]
+    common = ["--model_path", ckpt, *demo_data_args(paths), "--batch_size", 4]
     rc = _run(*common, "--output_dir", out, "--ablate", "zero", "mean", "audio_zero", "audio_swap",
               "--ablate_layers", "all", "1", "--contributions", "--failure_cases", 2,
               "--subset", subset, "--subset_mode", "split")
@@ -56,7 +53,7 @@ def test_every_extended_output_is_written_with_documented_columns(full_run):
             df = pd.read_csv(out / name)
             assert list(df.columns) == list(columns), name
             written += 1
-    assert written == 10 and not any(out.glob("*.partial.csv"))
+    assert written == 11 and not any(out.glob("*.partial.csv"))
     abl = pd.read_csv(out / "ablation.csv")
     assert len(abl) == 6 * len(qids) and set(abl["qid"]) == set(qids)
     contrib = pd.read_csv(out / "gate_contributions.csv")
@@ -74,7 +71,8 @@ def test_every_extended_output_is_written_with_documented_columns(full_run):
 def test_report_is_self_contained(full_run):
     out, _, _, _ = full_run
     html = (out / "report.html").read_text()
-    assert html.startswith("<!DOCTYPE html>") and "<script" not in html.lower() and "<link" not in html.lower()
+    assert html.startswith("<!DOCTYPE html>") and "<link" not in html.lower()
+    assert not any(re.search(r"\bsrc\s*=", tag) for tag in re.findall(r"<script\b[^>]*>", html, re.I))  # inline only
     refs = re.findall(r"""(?:src|href)\s*=\s*['"]([^'"]*)['"]""", html)
     assert refs and all(r.startswith("data:image/png;base64,") or r.startswith("#") for r in refs)
     images = [r for r in refs if r.startswith("data:")]
@@ -97,7 +95,9 @@ def test_compare_with_earlier_run_and_option_errors(full_run, capsys):
     runs = pd.read_csv(out2 / "gate_compare_runs.csv")
     assert runs["run_label"].tolist() == ["out", "out2"] and runs["MR-full-mAP"].notna().all()
     q = pd.read_csv(out2 / "gate_compare_queries.csv")
-    assert set(q["qid"]) == set(qids) and np.allclose(q["diff_vs_first"], 0, atol=1e-6)  # same model, same gates
+    # one row per video (named by its first query), same model: same gates
+    first = pd.read_csv(out / "gate_stats_per_video.csv")["qid"]
+    assert set(q["qid"]) == set(first) and set(first) <= set(qids) and np.allclose(q["diff_vs_first"], 0, atol=1e-6)
     assert list(q.columns) == list(compare.CSV_COLUMNS["gate_compare_queries.csv"])
     assert not (out2 / "ablation.csv").exists() and (out2 / "report.html").exists()
     capsys.readouterr()
@@ -130,7 +130,7 @@ def test_report_renders_in_a_headless_browser(full_run, tmp_path):
 
 
 def test_build_report_without_run_json(tmp_path):
-    (tmp_path / "gate_stats_per_layer.csv").write_text("layer,gate,name,weighting,n_queries,mean,std\n"
-                                                       "0,mha,layers.0.gate_mha,query,3,0.25,0.1\n")
+    (tmp_path / "gate_stats_per_layer.csv").write_text("layer,gate,name,weighting,n_queries,n_videos,mean,std\n"
+                                                       "0,mha,layers.0.gate_mha,video,3,2,0.25,0.1\n")
     html = build_report(tmp_path)
     assert "layers.0.gate_mha" in html and "unknown" in html and "Interventions" not in html

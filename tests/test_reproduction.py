@@ -7,10 +7,17 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 
 import test_legacy_model as compat_cli  # the top-level script (pytest collects only tests/)
-from conftest import FIXTURE_DATA, FIXTURES, demo_feature_args, fixture_feature_args, save_checkpoint, small_model
+from conftest import (
+    FIXTURE_DATA,
+    FIXTURES,
+    demo_data_args,
+    fixture_feature_args,
+    legacy_report,
+    run_gate_analysis_main,
+    small_checkpoint,
+)
 from gate_analysis.reproduction import (
     NOISE_BOUNDS,
     compare_metrics,
@@ -22,14 +29,6 @@ from gate_analysis.reproduction import (
 )
 
 F32, TF32 = NOISE_BOUNDS["float32"], NOISE_BOUNDS["tf32"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -157,23 +156,16 @@ def small_run(tmp_path_factory, demo_data):
     from qd_detr import inference
     root, paths = demo_data
     tmp = tmp_path_factory.mktemp("reproduction")
-    model, opt = small_model("custom", "global", seed=31)
-    ckpt = save_checkpoint(tmp / "model.ckpt", model, opt)
-    data = ["--data_path", paths["jsonl"]["val"], *demo_feature_args(paths["root"])]
+    ckpt, _, _ = small_checkpoint(tmp / "model.ckpt", "custom", "global", seed=31)
+    data = demo_data_args(paths)
     assert inference.main(["--model_path", str(ckpt), *data, "--output_path", str(tmp / "hl_val_submission.jsonl"),
                            "--batching", "original", "--device", "cpu", "--quiet"]) == 0
     return tmp, ckpt, data
 
 
-def _report(capsys, argv):
-    code = compat_cli.main([*argv, "--json", "--device", "cpu"])
-    out, err = capsys.readouterr()
-    return code, json.loads(out), err
-
-
 def test_small_model_reproduces_its_own_predictions(capsys, small_run):
     tmp, ckpt, data = small_run
-    code, rep, err = _report(capsys, ["--model_path", str(ckpt), *data])
+    code, rep, err = legacy_report(capsys, ["--model_path", str(ckpt), *data])
     r = rep["reproduction"]
     assert code == 0 and err == "" and r["status"] == "reproduces" and r["verdict"] == "REPRODUCES"
     assert r["predictions"]["identical"] == r["n_queries"] > 0 and r["noise_level"] == "float32"
@@ -192,7 +184,7 @@ def test_edited_prediction_differs_and_exits_1(capsys, small_run, tmp_path):
     w[0], w[1] = w[0] + 10, w[1] + 10  # one window of one query moved by 10 s
     bad = tmp_path / "edited.jsonl"
     bad.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    code, rep, err = _report(capsys, ["--model_path", str(ckpt), *data, "--original_predictions", str(bad)])
+    code, rep, err = legacy_report(capsys, ["--model_path", str(ckpt), *data, "--original_predictions", str(bad)])
     r = rep["reproduction"]
     assert code == 1 and r["status"] == "differs" and r["source"] == "given" and not rep["compatible"]
     assert r["predictions"]["differs"] == 1 and r["predictions"]["worst"][0]["qid"] == lines[1]["qid"]
@@ -201,9 +193,8 @@ def test_edited_prediction_differs_and_exits_1(capsys, small_run, tmp_path):
 
 
 def test_no_prediction_file_is_said_and_is_no_failure(capsys, tmp_path):
-    model, opt = small_model("custom", "clipwise", seed=32)
-    ckpt = save_checkpoint(tmp_path / "model_best.ckpt", model, opt)
-    code, rep, err = _report(capsys, ["--model_path", str(ckpt)])
+    ckpt, _, _ = small_checkpoint(tmp_path / "model_best.ckpt", "custom", "clipwise", seed=32)
+    code, rep, err = legacy_report(capsys, ["--model_path", str(ckpt)])
     r = rep["reproduction"]
     assert code == 0 and rep["compatible"] and err == "" and r["status"] == "not_found"
     assert r["looked_for"][0] == "best_hl_val_preds.jsonl" and "hl_val_submission.jsonl" in r["looked_for"]
@@ -246,13 +237,10 @@ def test_malformed_metrics_file_is_bad_input(capsys, tmp_path, small_run):
 
 
 def test_pipeline_records_the_verdict(small_run, tmp_path):
-    import run_gate_analysis
-    from qd_detr.cli import run_main
     _, ckpt, data = small_run
     out = tmp_path / "out"
-    argv = ["--model_path", str(ckpt), *data, "--output_dir", str(out), "--device", "cpu", "--quiet", "--no_plots",
-            "--legacy_model"]
-    assert run_main(run_gate_analysis.main, argv) == 0
+    assert run_gate_analysis_main("--model_path", ckpt, *data, "--output_dir", out, "--device", "cpu", "--quiet",
+                                  "--no_plots", "--legacy_model") == 0
     r = json.loads((out / "run.json").read_text())["reproduction"]
     assert r["status"] == "reproduces" and r["predictions"]["identical"] == r["n_queries"]
     assert f"  reproduction {r['message']}" in (out / "summary.txt").read_text().splitlines()
@@ -261,13 +249,10 @@ def test_pipeline_records_the_verdict(small_run, tmp_path):
 
 
 def test_pipeline_rejects_a_bad_prediction_file_before_the_run(capsys, small_run, tmp_path):
-    import run_gate_analysis
-    from qd_detr.cli import run_main
     _, ckpt, data = small_run
     path = _bad_file(tmp_path, small_run, lambda lines: "[1, 2]\n")
-    argv = ["--model_path", str(ckpt), *data, "--output_dir", str(tmp_path / "out"), "--device", "cpu", "--quiet",
-            "--no_plots", "--legacy_model", "--original_predictions", str(path)]
-    assert run_main(run_gate_analysis.main, argv) == 2
+    assert run_gate_analysis_main("--model_path", ckpt, *data, "--output_dir", tmp_path / "out", "--device", "cpu",
+                                  "--quiet", "--no_plots", "--legacy_model", "--original_predictions", path) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {path}") and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out" / "run.json").exists()
@@ -293,7 +278,7 @@ NEWER_LAYOUTS = ("ckpt_v2_clipwise_film", "ckpt_ssm_diagstrip")
 
 
 def _fixture_report(capsys, ckpt, extra=()):
-    code, rep, err = _report(capsys, ["--model_path", str(ckpt), *fixture_feature_args(), *extra])
+    code, rep, err = legacy_report(capsys, ["--model_path", str(ckpt), *fixture_feature_args(), *extra])
     return code, rep, err
 
 
@@ -345,7 +330,7 @@ def test_metrics_file_that_disagrees_with_its_predictions_is_noted(capsys, small
     metrics = json.loads((tmp / "hl_val_submission_metrics.json").read_text())
     metrics["brief"]["MR-full-mAP"] += 5
     (tmp_path / "p_metrics.json").write_text(json.dumps(metrics))
-    code, rep, _ = _report(capsys, ["--model_path", str(ckpt), *data, "--original_predictions",
+    code, rep, _ = legacy_report(capsys, ["--model_path", str(ckpt), *data, "--original_predictions",
                                     str(tmp_path / "p.jsonl")])
     m = rep["reproduction"]["metrics"]
     assert code == 0 and rep["reproduction"]["status"] == "reproduces"  # the predictions themselves reproduce
@@ -356,7 +341,7 @@ def test_metrics_file_that_disagrees_with_its_predictions_is_noted(capsys, small
 
 def test_found_file_without_data_is_not_checked_but_a_given_one_is_an_error(capsys, small_run):
     tmp, ckpt, _ = small_run  # the small checkpoint's options name no eval_path
-    code, rep, err = _report(capsys, ["--model_path", str(ckpt)])
+    code, rep, err = legacy_report(capsys, ["--model_path", str(ckpt)])
     r = rep["reproduction"]
     assert code == 0 and err == "" and r["status"] == "not_checked" and "no data file is known" in r["message"]
     code = compat_cli.main(["--model_path", str(ckpt), "--device", "cpu", "--original_predictions",

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import SHARED
 from qd_detr.research_options import (
     ALWAYS_ACTIVE,
     KINDS,
@@ -19,8 +20,6 @@ from qd_detr.research_options import (
     describe_unknown,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
 MIRROR = Path("/work/.mirror/junhanjeong+QD-DETR-exp/repo")
 
 # Attribute names (argparse dest) that qd_detr/config.py defines with add_argument on five branches,

@@ -1,45 +1,37 @@
 """run_gate_analysis.py end to end: on project-generated data and on the original checkpoints."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from conftest import (
-    FIXTURE_DATA,
     FIXTURES,
-    ROOT,
-    demo_feature_args,
-    fixture_feature_args,
+    demo_data_args,
+    demo_dataset,
+    gates_one_by_one,
     requires_fixtures,
-    save_checkpoint,
-    small_model,
+    run_fixture_analysis,
+    run_python,
+    small_checkpoint,
 )
 from gate_analysis.stats_csv import CSV_COLUMNS
 from gate_analysis_utils import load_gate_run
-from qd_detr.dataset import collate, model_kwargs, read_jsonl
-from qd_detr.gates import GateRecorder
-from qd_detr.inference import build_dataset
+from qd_detr.dataset import read_jsonl
 
 
 def run_cli(*args):
-    proc = subprocess.run([sys.executable, str(ROOT / "run_gate_analysis.py"), *map(str, args), "--quiet"],
-                          capture_output=True, text=True, cwd=ROOT)
+    proc = run_python("run_gate_analysis.py", *args, "--quiet")
     return proc.returncode, proc.stdout, proc.stderr
 
 
 @pytest.fixture(scope="module")
 def elementwise_run(demo_data, tmp_path_factory):
-    root, paths = demo_data
-    tmp = tmp_path_factory.mktemp("run")
-    model, opt = small_model("custom", "elementwise", seed=3)
-    ckpt = save_checkpoint(tmp / "model.ckpt", model, opt)
-    out = tmp / "out"
-    rc, stdout, stderr = run_cli("--model_path", ckpt, "--data_path", paths["jsonl"]["val"], "--output_dir", out,
-                                 "--batch_size", 4, "--device", "cpu", *demo_feature_args(root))
+    _, paths = demo_data
+    ckpt, model, opt = small_checkpoint(tmp_path_factory.mktemp("run") / "model.ckpt", "custom", "elementwise", seed=3)
+    out = ckpt.parent / "out"
+    rc, stdout, stderr = run_cli("--model_path", ckpt, *demo_data_args(paths), "--output_dir", out, "--batch_size", 4,
+                                 "--device", "cpu")
     assert rc == 0, stderr
     return model, opt, paths, out, stdout
 
@@ -81,16 +73,10 @@ def test_stored_gates_equal_a_direct_forward_per_query(elementwise_run):
     """Every stored gate equals the model's gate for that query alone, padding excluded."""
     model, opt, paths, out, _ = elementwise_run
     run = load_gate_run(out)
-    dirs = {"v_feat_dirs": paths["v_feat_dirs"], "t_feat_dir": paths["t_feat_dir"], "a_feat_dir": paths["a_feat_dir"]}
-    dataset = build_dataset(opt, read_jsonl(paths["jsonl"]["val"]), dirs)
+    dataset = demo_dataset(opt, paths)
     assert sorted(run.qids) == sorted(r["qid"] for r in dataset.records)
-    got = {}
-    with GateRecorder(model.fusion, lambda recs: got.update({r.sample_id: r for r in recs})) as rec:
-        for i in range(len(dataset)):
-            metas, inputs = collate([dataset[i]])
-            rec.set_ids([metas[0]["qid"]])
-            with torch.no_grad():
-                model(**model_kwargs(inputs))
+    got = gates_one_by_one(model, dataset)
+    assert sorted(got) == sorted(run.qids)
     for qid, record in got.items():
         for (layer, kind), want in record.gates.items():
             stored = run.gate(qid, layer, kind)
@@ -99,29 +85,26 @@ def test_stored_gates_equal_a_direct_forward_per_query(elementwise_run):
 
 
 def test_existing_output_folder_needs_overwrite(elementwise_run, demo_data):
-    root, paths = demo_data
+    _, paths = demo_data
     model, opt, _, out, _ = elementwise_run
     ckpt = out.parent / "model.ckpt"
-    rc, _, stderr = run_cli("--model_path", ckpt, "--data_path", paths["jsonl"]["val"], "--output_dir", out,
-                            *demo_feature_args(root))
+    rc, _, stderr = run_cli("--model_path", ckpt, *demo_data_args(paths), "--output_dir", out)
     assert rc == 2 and "--overwrite" in stderr and "Traceback" not in stderr
     assert json.loads((out / "run.json").read_text())["status"] == "complete"  # earlier results untouched
 
 
 def test_conflicting_gating_type_is_an_error_naming_both(elementwise_run, demo_data, tmp_path):
-    root, paths = demo_data
+    _, paths = demo_data
     ckpt = elementwise_run[3].parent / "model.ckpt"
-    rc, _, stderr = run_cli("--model_path", ckpt, "--data_path", paths["jsonl"]["val"], "--output_dir",
-                            tmp_path / "o", "--gating_type", "clipwise", *demo_feature_args(root))
+    rc, _, stderr = run_cli("--model_path", ckpt, *demo_data_args(paths), "--output_dir", tmp_path / "o",
+                            "--gating_type", "clipwise")
     assert rc == 2 and "clipwise" in stderr and "elementwise" in stderr and "Traceback" not in stderr
 
 
 def test_model_without_fusion_exits_with_a_clear_message(demo_data, tmp_path):
-    root, paths = demo_data
-    model, opt = small_model("video_only")
-    ckpt = save_checkpoint(tmp_path / "plain.ckpt", model, opt)
-    rc, _, stderr = run_cli("--model_path", ckpt, "--data_path", paths["jsonl"]["val"], "--output_dir",
-                            tmp_path / "o", *demo_feature_args(root, audio=False))
+    _, paths = demo_data
+    ckpt, _, _ = small_checkpoint(tmp_path / "plain.ckpt", "video_only")
+    rc, _, stderr = run_cli("--model_path", ckpt, *demo_data_args(paths, audio=False), "--output_dir", tmp_path / "o")
     assert rc != 0 and "no audio-visual fusion module" in stderr and "Traceback" not in stderr
 
 
@@ -129,10 +112,7 @@ def test_model_without_fusion_exits_with_a_clear_message(demo_data, tmp_path):
 def test_fixture_gates_equal_reference_through_the_cli(tmp_path):
     name = "ckpt_custom_global"
     out = tmp_path / "out"
-    rc, _, stderr = run_cli("--model_path", FIXTURES / name / "model.ckpt", "--data_path",
-                            FIXTURE_DATA / "highlight_val_release.jsonl", "--output_dir", out, "--device", "cpu",
-                            "--no_plots", *fixture_feature_args())
-    assert rc == 0, stderr
+    run_fixture_analysis(name, out)
     ref = np.load(FIXTURES / name / "reference_outputs_bs1.npz")
     run = load_gate_run(out)
     worst = 0.0

@@ -3,20 +3,17 @@ format (loadable by our strict loader and by the original loading rules), CLI an
 import argparse
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
 import torch
 
-from conftest import ROOT, SMALL_DIMS, demo_feature_args, small_options
+from conftest import SMALL_DIMS, demo_split_dataset, demo_train_args, run_python, small_options
 from qd_detr.callbacks import TrainCallback
 from qd_detr.checkpoint import load_checkpoint
 from qd_detr.cli import run_main
 from qd_detr.config import ARCH_OPTIONS, options_from_opt_json
-from qd_detr.dataset import QVHighlightsDataset, collate
+from qd_detr.dataset import collate
 from qd_detr.errors import ConfigError
 from qd_detr.losses import SetCriterion, build_criterion, build_weight_dict, saliency_loss_terms
 from qd_detr.matcher import HungarianMatcher
@@ -31,18 +28,7 @@ from qd_detr.train import (
     train_one_epoch,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and a busy 2-core machine does not oversubscribe."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 V_RAW = SMALL_DIMS["slowfast_dim"] + SMALL_DIMS["clip_dim"]
-A_DIM = SMALL_DIMS["audio_dim"] + 2
 
 
 def _logits_for(probs):
@@ -177,13 +163,6 @@ def test_criterion_keys_weights_and_total():
 
 
 # ------------------------------------------------------------------------------------------ training
-def _small_train_dataset(root):
-    return QVHighlightsDataset(os.path.join(root, "highlight_train_release.jsonl"),
-                               [os.path.join(root, "slowfast_features"), os.path.join(root, "clip_features")],
-                               os.path.join(root, "clip_text_features"), os.path.join(root, "pann_features"),
-                               load_labels=True, training=True, seed=0)
-
-
 def test_training_steps_reduce_loss_on_a_fixed_batch(demo_data):
     root, _ = demo_data
     opt = small_options(lr=1e-4)
@@ -191,7 +170,7 @@ def test_training_steps_reduce_loss_on_a_fixed_batch(demo_data):
     model = build_model(opt)
     crit = build_criterion(opt)
     optimizer, _ = build_optimizer(model, opt)
-    ds = _small_train_dataset(str(root))
+    ds = demo_split_dataset(root, "train", load_labels=True, training=True, seed=0)
     batch = collate([ds[i] for i in range(6)])
 
     def loss_on_batch():
@@ -212,22 +191,11 @@ def test_training_steps_reduce_loss_on_a_fixed_batch(demo_data):
 
 
 # ------------------------------------------------------------------------------------------ CLI
-def _cli_args(root, results, *extra):
-    root = str(root)
-    return ["--train_path", os.path.join(root, "highlight_train_release.jsonl"),
-            "--eval_path", os.path.join(root, "highlight_val_release.jsonl"),
-            *demo_feature_args(root), "--v_feat_dim", str(V_RAW), "--t_feat_dim", str(SMALL_DIMS["text_dim"]),
-            "--a_feat_dim", str(A_DIM), "--results_dir", str(results), "--use_avigate_custom",
-            "--gating_type", "clipwise", "--fusion_layers", "2", "--fusion_n_heads", "4", "--enc_layers", "1",
-            "--dec_layers", "2", "--dim_feedforward", "32", "--nheads", "4", "--bsz", "6", "--eval_bsz", "8",
-            "--seed", "3", "--device", "cpu", "--quiet", *extra]
-
-
 @pytest.fixture(scope="module")
 def trained_run(demo_data, tmp_path_factory):
     root, paths = demo_data
     results = tmp_path_factory.mktemp("train_run") / "run"
-    code = run_main(main, _cli_args(root, results, "--n_epoch", "2", "--eval_epoch", "1", "--lr_drop", "2",
+    code = run_main(main, demo_train_args(root, results, "--n_epoch", "2", "--eval_epoch", "1", "--lr_drop", "2",
                                     "--gate_monitor_every", "1", "--gate_monitor_n", "5", "--gate_monitor_no_plots"))
     assert code == 0
     return results, paths
@@ -301,7 +269,7 @@ def test_training_is_deterministic_for_a_seed(demo_data, tmp_path):
     root, _ = demo_data
     states = []
     for name in ("a", "b"):
-        args = _cli_args(root, tmp_path / name, "--n_epoch", "1", "--eval_epoch", "5")
+        args = demo_train_args(root, tmp_path / name, "--n_epoch", "1", "--eval_epoch", "5")
         args[args.index("--eval_path"):args.index("--eval_path") + 2] = []
         assert run_main(main, args) == 0
         states.append(torch.load(tmp_path / name / "model_latest.ckpt", weights_only=False)["model"])
@@ -317,7 +285,7 @@ def test_training_is_deterministic_for_a_seed(demo_data, tmp_path):
 ])
 def test_cli_bad_input_is_one_line_exit_2(demo_data, tmp_path, capsys, change, message):
     root, _ = demo_data
-    args = _cli_args(root, tmp_path / "out", "--n_epoch", "1")
+    args = demo_train_args(root, tmp_path / "out", "--n_epoch", "1")
     for flag, value in zip(change[::2], change[1::2]):
         if flag in args:
             i = args.index(flag)
@@ -333,7 +301,7 @@ def test_resume_all_continues_after_the_saved_epoch(trained_run, tmp_path):
     results, paths = trained_run
     root = paths["root"]
     out = tmp_path / "resumed"
-    args = _cli_args(root, out, "--n_epoch", "3", "--eval_epoch", "5", "--lr_drop", "2",
+    args = demo_train_args(root, out, "--n_epoch", "3", "--eval_epoch", "5", "--lr_drop", "2",
                      "--resume", str(results / "model_latest.ckpt"), "--resume_all")
     assert run_main(main, args) == 0
     summary = json.loads((out / "train_summary.json").read_text())
@@ -350,7 +318,7 @@ def test_qd_detr_never_imports_the_analysis_package():
             "    importlib.import_module('qd_detr.' + m.name)\n"
             "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'gate_analysis')\n"
             "assert not bad, bad\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    proc = run_python("-c", code)
     assert proc.returncode == 0, proc.stderr
 
 
@@ -369,7 +337,7 @@ def test_train_calls_its_callbacks_and_records_what_they_return(demo_data, tmp_p
         def summary(self):
             return {"spy_calls": len(calls)}
 
-    args = _cli_args(root, tmp_path / "run", "--n_epoch", "2", "--eval_epoch", "1", "--gate_monitor_every", "1")
+    args = demo_train_args(root, tmp_path / "run", "--n_epoch", "2", "--eval_epoch", "1", "--gate_monitor_every", "1")
     opt, opt_json = options_from_args(get_args_parser().parse_args(args))
     summary = train(opt, opt_json, progress=False, log=lambda *a: None, callbacks=[Spy()])  # replaces the monitor
     assert [c[:3] for c in calls] == [("start", 0, False), ("epoch", 0, False), ("epoch", 1, True)]
