@@ -558,23 +558,22 @@ def settings(args):
 
 
 @contextlib.contextmanager
-def bench_run(args, prefix):
+def bench_session(args, prefix, run_settings, n_videos, describe):
     """Environment logged, threads set, a work folder (``--workdir`` or a temp folder, removed at the end
-    unless ``--keep``, also on SIGTERM) with ``data/`` and ``scratch/``; yields (BenchData, scratch, results)."""
+    unless ``--keep``, also on SIGTERM) with ``data/`` (``BenchData`` of ``n_videos``) and ``scratch/``; logs
+    ``describe()`` first; yields (BenchData, scratch, results) and at the end records the parameter counts and
+    the total time in ``results`` (and ``--json``)."""
     set_threads(args.threads)
-    s = settings(args)
-    results = {"environment": environment(), "settings": s}
+    results = {"environment": environment(), "settings": run_settings}
     log_environment(results["environment"])
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the clean-up below on kill
     workdir = args.workdir or tempfile.mkdtemp(prefix=prefix)
     os.makedirs(workdir, exist_ok=True)
     t_start = time.perf_counter()
     try:
-        log(f"  {s['n_queries']} queries over {s['n_videos']} videos x {N_CLIPS} clips; batch {s['batch_size']}"
-            + (f"; repetitions: {s['repeats']} for {TARGET_GATING}, {s['other_repeats']} for other gating types"
-               if "repeats" in s else "") + f"  {load_note()}")
+        log(describe())
         log(f"== data (in {workdir})")
-        data = BenchData(os.path.join(workdir, "data"), s["n_videos"])
+        data = BenchData(os.path.join(workdir, "data"), n_videos)
         scratch = os.path.join(workdir, "scratch")
         os.makedirs(scratch, exist_ok=True)
         yield data, scratch, results
@@ -590,3 +589,16 @@ def bench_run(args, prefix):
             log(f"kept {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def bench_run(args, prefix):
+    """``bench_session`` with the sizes and repetitions of the common flags (``settings``)."""
+    s = settings(args)
+
+    def describe():
+        return (f"  {s['n_queries']} queries over {s['n_videos']} videos x {N_CLIPS} clips; batch {s['batch_size']}"
+                + (f"; repetitions: {s['repeats']} for {TARGET_GATING}, {s['other_repeats']} for other gating types"
+                   if "repeats" in s else "") + f"  {load_note()}")
+    with bench_session(args, prefix, s, s["n_videos"], describe) as session:
+        yield session

@@ -14,6 +14,7 @@ from qd_detr.gates import gate_name
 from . import ablation as AB
 from . import ground_truth as GT
 from . import performance as PF
+from .background import as_paths
 from .contributions import contrib_layer_table, contribution_summary, load_contributions
 from .gate_arrays import PER_CLIP_GATING_TYPES
 from .interventions import dataset_mean_gates, reference_intervention
@@ -49,6 +50,16 @@ class Results:
     reference: str = None                          # the audio-off intervention joined with performance
 
 
+def _draw(run, res, fn, *args, **kwargs):
+    """A step's figures ``fn(*args, **kwargs)``: with a figure job (``run.plot_job``, the main job's), drawn
+    beside the other figures, their paths returned by the job after those of the gate figures (the order of
+    ``res.plots`` if drawn here); without one, drawn here into ``res.plots``."""
+    if run.plot_job is not None:
+        run.plot_job.submit(fn, *args, **kwargs)
+    else:
+        res.plots += as_paths(fn(*args, **kwargs))
+
+
 def contributions_step(run, res):
     """``--contributions``: read the streamed ``gate_contributions.csv``, its figures and summary line."""
     if not run.cfg.contributions:
@@ -58,7 +69,8 @@ def contributions_step(run, res):
     res.files["contributions"] = CONTRIBUTIONS_FILE
     if run.plots:
         from .plots_causal import plot_contributions
-        res.plots += plot_contributions(res.contributions, run.out, gate_ranges=run.sink.stats.gate_ranges)
+        used = res.contributions[["layer", "gate", "gate_value", "contribution"]]  # what the figures read
+        _draw(run, res, plot_contributions, used, run.out, gate_ranges=run.sink.stats.gate_ranges)
     t = contrib_layer_table(res.contributions)
     res.summary.append("effective contribution (median over clips): " + ", ".join(
         f"{gate_name(r.layer, r.gate)} {r.median:.3g}" for r in t.itertuples()))
@@ -82,7 +94,7 @@ def ablation_step(run, res):
                      ablation_predictions=ABLATION_DIR + "/")
     if run.plots:
         from .plots_causal import plot_ablation
-        res.plots += plot_ablation(res.ablation, ablation_ov, run.out, kinds=acc.kinds)
+        _draw(run, res, plot_ablation, res.ablation, ablation_ov, run.out, kinds=acc.kinds)
     for iv in interventions:
         b = info[iv.name]["metrics_brief"]
         if b and brief and "MR-full-mAP" in b:
@@ -106,8 +118,10 @@ def ground_truth_step(run, res):
     res.files.update(ground_truth=GROUND_TRUTH_FILE, ground_truth_overall=GROUND_TRUTH_OVERALL_FILE)
     if run.plots:
         from .plots_ground_truth import plot_ground_truth
-        res.plots += plot_ground_truth(gt_pq, gt_ov, run.out, records=run.dataset.records, across=gt.across_queries(),
-                                       n_examples=0, gate_ranges=run.sink.stats.gate_ranges)  # examples: with plot_all
+        across, ranges = gt.across_queries(), run.sink.stats.gate_ranges
+        for part in ("distributions", "inside_outside", "across_queries"):  # one task each (examples: plot_all's)
+            _draw(run, res, plot_ground_truth, gt_pq, gt_ov, run.out, across=across, n_examples=0, gate_ranges=ranges,
+                  records=run.dataset.records if part == "across_queries" else None, figures=(part,))
     pooled = gt_ov[(gt_ov["scope"] == "pooled") & (gt_ov["statistic"] == "auroc_inside")
                    & (gt_ov["measure"] == "gate")]
     if len(pooled):
@@ -128,7 +142,7 @@ def _failure_frames(run, res, perf):
                        f"{int((per_query['top1_iou'] >= PF.SUCCESS_IOU).sum())})")
     if run.plots and len(pairs):
         from .plots_performance import plot_failure_cases
-        res.plots.append(plot_failure_cases(pairs, perf, run.out, gate_ranges=run.sink.stats.gate_ranges))
+        _draw(run, res, plot_failure_cases, pairs, perf, run.out, gate_ranges=run.sink.stats.gate_ranges)
     return {FAILURE_PAIRS_FILE: pairs, FAILURE_COMPARISON_FILE: PF.failure_comparison(pairs, perf)}
 
 
@@ -155,13 +169,15 @@ def performance_step(run, res):
             frames[SUBSET_COMPARISON_FILE] = comp
             if run.plots:
                 from .plots_performance import plot_subset_comparison
-                res.plots.append(plot_subset_comparison(comp, run.out, os.path.basename(cfg.subset),
-                                                        gate_ranges=acc.gate_ranges))
+                _draw(run, res, plot_subset_comparison, comp, run.out, os.path.basename(cfg.subset),
+                      gate_ranges=acc.gate_ranges)
         res.files.update({k.rsplit(".", 1)[0]: k for k in PF.write_performance(run.out, frames)})
         if run.plots and len(perf):
             from .plots_performance import plot_performance
             effect = joined[joined["intervention"] == res.reference] if res.reference else None
-            res.plots += plot_performance(perf, corr, run.out, gate_ranges=acc.gate_ranges, ablation=effect)
+            for part in ("scatter", "correlations"):
+                _draw(run, res, plot_performance, perf, corr, run.out, gate_ranges=acc.gate_ranges, ablation=effect,
+                      figures=(part,))
     elif split:
         feats = PF.query_gate_features(acc.query_stats(), res.contribution_summary)
         comp = PF.subset_comparison(PF.read_subset(cfg.subset), feats, None, res.ablation)
@@ -184,7 +200,7 @@ def compare_step(run, res):
     res.files.update({k.rsplit(".", 1)[0]: k for k in write_compare(run.out, runs, layers_df, queries)})
     if run.plots:
         from .plots_compare import plot_compare
-        res.plots += plot_compare(runs, layers_df, queries, run.out)
+        _draw(run, res, plot_compare, runs, layers_df, queries, run.out)
     res.summary.append(f"compared with {len(cfg.compare_runs)} earlier run(s): {queries['qid'].nunique()} queries "
                        f"in all runs")
 

@@ -123,7 +123,7 @@ def task_priority(fn):
 def plot_tasks(acc, gate_run, output_dir, compare_qids=None, top_n=10, max_heatmap_queries=200,
                max_clip_heatmap_queries=100):
     """The figures of ``plot_all`` as independent tasks ``[(fn, args, kwargs)]`` (module-level functions with
-    picklable arguments, e.g. for a process pool): calling each in turn writes what ``plot_all``
+    picklable arguments, e.g. for ``background.FigurePool``): calling each in turn writes what ``plot_all``
     writes, and their returned paths, concatenated, are ``plot_all``'s list. ``gate_run``: a GateRun, a
     mapping, the output folder of a closed gate store (what a forked process can open), or None."""
     if acc is None:

@@ -100,10 +100,11 @@ class GateSink:
         """``plot_gate_store`` for this sink's (closed) store; returns the written paths."""
         return plot_gate_store(self.stats, self.output_dir, compare_qids=compare_qids, top_n=top_n, more=more)
 
-    def start_plots(self, compare_qids=None, more=None):
-        """The figures drawn in the background (``background.PlotJob``) while the caller goes on."""
+    def start_plots(self, compare_qids=None, more=None, pool=None):
+        """The figures drawn in the background (``background.PlotJob``; in ``pool``, a ``FigurePool``, when
+        given) while the caller goes on."""
         from .background import PlotJob
-        return PlotJob(self.stats, self.output_dir, compare_qids, more=more)
+        return PlotJob(self.stats, self.output_dir, compare_qids, more=more, pool=pool)
 
     def finish(self, top_n=10, plots=True, compare_qids=None, plot_top_n=None):
         """Close the store, write the CSVs and (``plots``) draw the figures; returns ({key: csv path}, [png paths])."""

@@ -80,3 +80,54 @@ def test_plot_job_in_a_process_draws_the_same_pngs_as_inline(demo_data, tmp_path
         job = PlotJob(acc, tmp_path / "no_such_run")  # the process fails: no gate store there
         with pytest.raises(RuntimeError, match="drawing the plots failed"):
             job.result()
+
+
+def _sleep_then_write(path, seconds):
+    """A figure task that takes ``seconds`` and writes ``path`` (module level: the pool pickles it)."""
+    import time
+    time.sleep(seconds)
+    with open(path, "w") as fh:
+        fh.write("drawn")
+    return path
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="figure processes are forked on Linux only")
+def test_figure_pool_runs_tasks_in_parallel_and_returns_their_paths(tmp_path):
+    import time
+
+    from gate_analysis.background import FigurePool
+    pool = FigurePool(workers=2)
+    start = time.perf_counter()
+    tasks = [pool.submit(_sleep_then_write, str(tmp_path / f"{i}.png"), 1.0) for i in range(2)]
+    assert [t.result() for t in tasks] == [[str(tmp_path / "0.png")], [str(tmp_path / "1.png")]]
+    assert time.perf_counter() - start < 1.9  # two 1 s tasks side by side, not one after the other
+    pool.close()
+    with pytest.raises(RuntimeError, match="drawing the plots failed"):
+        broken = FigurePool(workers=1)
+        try:
+            broken.submit(_sleep_then_write, str(tmp_path / "no_such_dir" / "x.png"), 0.0).result()
+        finally:
+            broken.cancel()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="figure processes are forked on Linux only")
+def test_figure_pool_cancel_stops_busy_processes_even_under_the_sigterm_handler(tmp_path):
+    """Ctrl-C / SIGTERM of a run cancels the pool: busy processes end at once, also when the pool was made
+    while ``stop_on_sigterm`` (the command lines' SIGTERM -> KeyboardInterrupt handler) was active, which
+    the forked processes inherit; nothing they were drawing is written afterwards."""
+    import time
+
+    from gate_analysis.background import FigurePool
+    from qd_detr.cli import stop_on_sigterm
+    with stop_on_sigterm():
+        pool = FigurePool(workers=2)
+        procs = pool.processes
+        for i in range(4):
+            pool.submit(_sleep_then_write, str(tmp_path / f"{i}.png"), 5.0)
+        time.sleep(0.5)
+        start = time.perf_counter()
+        pool.cancel()
+    assert time.perf_counter() - start < 3.0
+    assert all(not p.is_alive() for p in procs)
+    time.sleep(0.2)
+    assert not list(tmp_path.iterdir())
