@@ -21,6 +21,7 @@ mapping ``{qid: {(layer, kind): array}}``.
 """
 import os
 
+from .background import as_paths
 from .figures import MappingSource, gate_source, kinds_in, subsample_indices
 from .gate_arrays import PER_CLIP_GATING_TYPES, per_clip_values
 from .plots_clips import plot_query_clip_heatmap, plot_query_clip_heatmaps, plot_sample_comparison
@@ -190,6 +191,5 @@ def plot_all(acc, gate_run, output_dir, compare_qids=None, top_n=10, max_heatmap
     paths = []
     for fn, args, kwargs in plot_tasks(acc, gate_run, output_dir, compare_qids, top_n, max_heatmap_queries,
                                        max_clip_heatmap_queries):
-        result = fn(*args, **kwargs)
-        paths += [result] if isinstance(result, str) else list(result)
+        paths += as_paths(fn(*args, **kwargs))
     return paths

@@ -196,11 +196,7 @@ def spearman(x, y):
         return float("nan"), float("nan"), n
     # [n, 2] columns of ranks through np.corrcoef, exactly as spearmanr does it
     rho = np.corrcoef(np.column_stack((midranks(x), midranks(y))), rowvar=False)[1, 0]  # a float64
-    dof = n - 2
-    with np.errstate(divide="ignore"):
-        t = rho * np.sqrt(np.clip(dof / ((rho + 1.0) * (1.0 - rho)), 0, None))
-    p = min(2.0 * float(student_t_sf(abs(t), dof)), 1.0)
-    return float(rho), p, n
+    return float(rho), float(spearman_p_values(rho, n - 2)), n
 
 
 def spearman_p_values(rho, dof):
