@@ -302,7 +302,7 @@ def run_gate_log_analysis(cfg, progress=True, log=print):
     manifest["analyses"] = res.analyses
     manifest["analysis_summary"] = _summary_lines(source, cfg) + list(res.summary)
     from .report import write_report
-    write_report(out, run=manifest)
+    write_report(out, run=manifest, lanes=sink.lanes)
     summary = run_summary(manifest, acc.layer_stats(), acc.rankings(n=min(5, cfg.top_n or 10)), out)
     write_summary(out, summary)
     write_run_json(out, manifest, "complete")

@@ -422,7 +422,7 @@ def finish_run(run):
     files["plots"] += [os.path.relpath(p, out) for p in res.plots]
     files["report"] = REPORT_FILE
     manifest["analysis_summary"] = list(res.summary)
-    write_report(out, run=manifest)
+    write_report(out, run=manifest, lanes=run.sink.lanes)
     summary = run_summary(manifest, acc.layer_stats(), acc.rankings(n=min(5, run.cfg.top_n or 10)), out)
     write_summary(out, summary)
     write_run_json(out, manifest, "complete")  # last: only a run with every output says "complete"

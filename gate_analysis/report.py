@@ -167,8 +167,9 @@ def _ranges_html(run, folder, layer_table):
     return f"<p><b>Reading the gates{_esc(note)}:</b></p><ul class='muted'>{items}</ul>"
 
 
-def build_report(folder, run=None):
-    """The report of ``folder`` as an HTML string; ``run``: the manifest to show instead of run.json."""
+def build_report(folder, run=None, lanes=None):
+    """The report of ``folder`` as an HTML string; ``run``: the manifest to show instead of run.json; ``lanes``:
+    the run's ``report_explore.LaneAccumulator`` (the explorer's gate lanes without reading the store back)."""
     folder = os.path.abspath(folder)
     run = run if run is not None else (_read_json(folder, RUN_FILE) or {})
     sections = []  # (anchor, title, html)
@@ -241,7 +242,7 @@ def build_report(folder, run=None):
         sections.append(("gates", "Gate statistics per layer", body))
 
     from .report_explore import explore_html
-    explorer = explore_html(folder, run)
+    explorer = explore_html(folder, run, lanes=lanes)
     if explorer:
         sections.append(("explore", "Explore videos and queries", explorer))
 
@@ -366,8 +367,8 @@ def build_report(folder, run=None):
             f"generated {generated}</p><nav>{nav}</nav>{body}</body></html>\n")
 
 
-def write_report(folder, run=None):
-    """Write ``{folder}/report.html`` atomically; returns its path (``run`` as in ``build_report``)."""
+def write_report(folder, run=None, lanes=None):
+    """Write ``{folder}/report.html`` atomically; returns its path (``run``, ``lanes`` as in ``build_report``)."""
     path = os.path.join(os.path.abspath(folder), REPORT_FILE)
-    write_text(path, build_report(folder, run))
+    write_text(path, build_report(folder, run, lanes=lanes))
     return path

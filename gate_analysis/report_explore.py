@@ -40,13 +40,13 @@ import pandas as pd
 from qd_detr.errors import DataError
 from qd_detr.io import file_sha256, iter_json_lines
 
-from .gate_arrays import PER_CLIP_GATING_TYPES
+from .gate_arrays import PER_CLIP_GATING_TYPES, as_qid
 from .outputs import ABLATION_FILE, GATES_DIR, PERFORMANCE_FILE, PREDICTIONS_FILE, STATS_CSV_FILES
 from .ranges import ranges_from_meta, reference, resolve_ranges
 from .store import load_gate_run
 
-__all__ = ["explore_data", "explore_html", "encode_fixed", "decode_fixed", "EXPLORE_FORMAT", "METRIC_COLUMNS",
-           "ABLATION_FIELDS", "ROW_LIMIT"]
+__all__ = ["explore_data", "explore_html", "LaneAccumulator", "encode_fixed", "decode_fixed", "EXPLORE_FORMAT",
+           "METRIC_COLUMNS", "ABLATION_FIELDS", "ROW_LIMIT"]
 
 EXPLORE_FORMAT = 1
 ROW_LIMIT = 200   # rows drawn at first (more on request): the page opens fast at any size
@@ -147,22 +147,78 @@ def _ranges(run, gr):
     return out
 
 
-def _lanes(gr, qids, per_clip):
-    """Gate lanes of one video (its queries ``qids``, store order): per clip from the first query, or one value
-    per query for per-query gating."""
+def _video_key(qid, vid):
+    """The explorer's key of a query's video: its vid, or ``qid:{qid}`` when the video is unknown."""
+    return vid or f"qid:{qid}"
+
+
+def _as_stored(a):
+    """A gate array as the store holds it (C-contiguous float32): lanes computed from it or from the store's
+    copy are the same numbers."""
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def _clip_lanes(gates, keys):
+    """Per-clip lanes of one query's gates ``{(layer, kind): (T,) or (T, D) array}``, in the order of ``keys``:
+    {name: {"m": fixed mean over dims, "s": fixed std over dims (elementwise only)}}."""
     lanes = {}
-    if not per_clip:
-        for qid in qids:
-            for (layer, kind), arr in gr.gates(qid).items():
-                lanes.setdefault(f"layers.{layer}.gate_{kind}", {"g": []})["g"].append(
-                    [qid, _r4(np.asarray(arr, dtype=np.float64).mean())])
-        return lanes
-    for (layer, kind), a in gr.gates(qids[0]).items():
+    for layer, kind in keys:
+        a = _as_stored(gates[(layer, kind)])
         lane = {"m": encode_fixed(a.mean(axis=1, dtype=np.float64) if a.ndim == 2 else a)}
         if a.ndim == 2:
             lane["s"] = encode_fixed(a.std(axis=1, dtype=np.float64))
         lanes[f"layers.{layer}.gate_{kind}"] = lane
     return lanes
+
+
+def _add_query_lanes(lanes, qid, gates, keys):
+    """Append one query's mean gate per (layer, kind) of ``keys`` to the per-query lanes {name: {"g": [[qid, value]]}}."""
+    for layer, kind in keys:
+        lanes.setdefault(f"layers.{layer}.gate_{kind}", {"g": []})["g"].append(
+            [qid, _r4(_as_stored(gates[(layer, kind)]).astype(np.float64).mean())])
+
+
+def _lanes(gr, qids, per_clip):
+    """Gate lanes of one video (its queries ``qids``, store order) read from the store: per clip from the first
+    query, or one value per query for per-query gating."""
+    keys = [(layer, kind) for layer in gr.layers for kind in gr.kinds]
+    if per_clip:
+        return _clip_lanes(gr.gates(qids[0]), keys)
+    lanes = {}
+    for qid in qids:
+        _add_query_lanes(lanes, qid, gr.gates(qid), keys)
+    return lanes
+
+
+class LaneAccumulator:
+    """Each video's explorer lanes, built while a run's gates stream into its store (``GateSink``), so that
+    the report need not read the gates back: the values ``explore_data`` would read from the store.
+
+    ``add(qid, vid, gates)`` in store order; ``lanes(key, qids)`` is the video's lanes when this accumulator saw
+    exactly the store's queries ``qids`` of it (per-clip gating: the same first query), else None."""
+
+    def __init__(self, gating_type, layers, kinds):
+        self.per_clip = gating_type in PER_CLIP_GATING_TYPES
+        self.keys = [(layer, kind) for layer in layers for kind in kinds]
+        self._videos = {}  # video key -> (qids added, lanes)
+
+    def add(self, qid, vid, gates):
+        qid = as_qid(qid)
+        key = _video_key(qid, "" if vid is None else str(vid))
+        seen = self._videos.get(key)
+        if seen is None:
+            seen = self._videos[key] = ([], _clip_lanes(gates, self.keys) if self.per_clip else {})
+        seen[0].append(qid)
+        if not self.per_clip:
+            _add_query_lanes(seen[1], qid, gates, self.keys)
+
+    def lanes(self, key, qids):
+        seen = self._videos.get(key)
+        if seen is None:
+            return None
+        if (seen[0][0] == qids[0]) if self.per_clip else (seen[0] == list(qids)):
+            return seen[1]
+        return None
 
 
 def _gt(rec):
@@ -234,9 +290,10 @@ def _mean(values):
     return _r4(sum(v) / len(v)) if v else None
 
 
-def explore_data(folder, run):
+def explore_data(folder, run, lanes=None):
     """(table dict, [video dict]) of the explorer (module docstring), or None when the folder has neither a gate
-    store nor predictions (e.g. a comparison of runs)."""
+    store nor predictions (e.g. a comparison of runs). ``lanes``: the run's ``LaneAccumulator`` (videos it has
+    are not read back from the store)."""
     notes = []
     has_store = os.path.isdir(os.path.join(folder, GATES_DIR))
     has_pred = os.path.isfile(os.path.join(folder, PREDICTIONS_FILE))
@@ -259,7 +316,7 @@ def explore_data(folder, run):
 
     qids = list(gr.qids) if gr else list(preds)
     vid_of = {q: gr.vids[q] if gr else str(preds[q].get("vid", "")) for q in qids}
-    key_of = {q: vid_of[q] or f"qid:{q}" for q in qids}  # an unknown video ('') is one per query, as in the CSV
+    key_of = {q: _video_key(q, vid_of[q]) for q in qids}  # an unknown video ('') is one per query, as in the CSV
     videos = {}
     for q in qids:
         videos.setdefault(key_of[q], []).append(q)
@@ -299,7 +356,7 @@ def explore_data(folder, run):
         duration = next((labels[q].get("duration") for q in vq if q in labels), None) or \
             next((metrics[q].get("duration") for q in vq if q in metrics), None)
         blobs.append({"vid": vid_of[vq[0]], "n_clips": n_clips_of(vq[0]), "duration": _r4(duration),
-                      "gate_qid": vq[0] if gr else None, "lanes": _lanes(gr, vq, per_clip) if gr else {},
+                      "gate_qid": vq[0] if gr else None, "lanes": _video_lanes(gr, lanes, key, vq, per_clip),
                       "queries": [{"qid": q, "query": text_of[q], "gt": _gt(labels.get(q)), "pred": _pred(preds.get(q)),
                                    "ablation": ab_rows.get(q, [])} for q in vq]})
     clip_len = float((run.get("model") or {}).get("clip_length") or 2)
@@ -309,15 +366,23 @@ def explore_data(folder, run):
     return table, blobs
 
 
+def _video_lanes(gr, lanes, key, qids, per_clip):
+    """A video's lanes: from the run's ``LaneAccumulator`` when it has them, else read from the store."""
+    if gr is None:
+        return {}
+    known = lanes.lanes(key, qids) if lanes is not None and lanes.per_clip == per_clip else None
+    return known if known is not None else _lanes(gr, qids, per_clip)
+
+
 def _script_json(obj, element_id):
     """``obj`` as an inline JSON script element (``<`` escaped, so no text can close the element)."""
     text = json.dumps(obj, separators=(",", ":"), allow_nan=False, ensure_ascii=False).replace("<", "\\u003c")
     return f"<script type='application/json' id='{element_id}'>{text}</script>"
 
 
-def explore_html(folder, run):
+def explore_html(folder, run, lanes=None):
     """The explorer section's HTML (controls, table, timeline, data, script), or None (``explore_data``)."""
-    built = explore_data(folder, run)
+    built = explore_data(folder, run, lanes=lanes)
     if built is None:
         return None
     table, blobs = built

@@ -2,10 +2,10 @@
 the training monitor (``gate_analysis.monitor``) and ``GateAnalyzer``.
 
 Every query's gates ``{(layer, kind): array}`` (global (1,), clipwise (T,), elementwise (T, D), padding
-excluded) go to three places at once: the raw-gate store (``gates/``, one shard per ``flush``), the
-streamed statistics (``GateStatsAccumulator``) and, given the JSONL records, the ground-truth
-accumulator. ``finish`` closes the store, writes the statistics CSVs and draws the figures from the
-closed store (``gate_analysis.plots.plot_all``)::
+excluded) go to four places at once: the raw-gate store (``gates/``, one shard per ``flush``), the
+streamed statistics (``GateStatsAccumulator``), the report explorer's gate lanes (``LaneAccumulator``)
+and, given the JSONL records, the ground-truth accumulator. ``finish`` closes the store, writes the
+statistics CSVs and draws the figures from the closed store (``gate_analysis.plots.plot_all``)::
 
     sink = GateSink(out, "clipwise", num_layers=4, kinds=("mha", "ffn"))
     for qid, vid, record in recorded:            # e.g. qd_detr.gates.GateRecord
@@ -19,6 +19,7 @@ from qd_detr.gates import DEFAULT_KINDS
 
 from .ground_truth import GroundTruthAccumulator
 from .outputs import GATES_DIR
+from .report_explore import LaneAccumulator
 from .stats import GateStatsAccumulator
 from .stats_csv import write_stats_csvs
 from .store import GateStoreWriter, iter_shard_queries, load_gate_run
@@ -49,7 +50,8 @@ class GateSink:
             ``GateStoreWriter`` (``kinds`` and ``gate_ranges`` also configure the statistics).
         records: JSONL records; when given, labelled queries also feed a ``GroundTruthAccumulator``
             (``ground_truth``), else ``ground_truth`` is None.
-    Attributes ``store`` (GateStoreWriter), ``stats`` (GateStatsAccumulator), ``ground_truth``.
+    Attributes ``store`` (GateStoreWriter), ``stats`` (GateStatsAccumulator), ``lanes`` (LaneAccumulator, for
+    ``report.write_report``), ``ground_truth``.
     """
 
     def __init__(self, output_dir, gating_type, num_layers, *, kinds=DEFAULT_KINDS, gate_ranges=None,
@@ -59,6 +61,7 @@ class GateSink:
         self.store = GateStoreWriter(output_dir, gating_type, num_layers, hidden_dim=hidden_dim, resume=resume,
                                      overwrite=overwrite, kinds=kinds, gate_ranges=gate_ranges, extra_meta=extra_meta)
         self.stats = GateStatsAccumulator(gating_type, layers, kinds=kinds, gate_ranges=gate_ranges)
+        self.lanes = LaneAccumulator(gating_type, layers, self.store.kinds)
         self.ground_truth = None if records is None else GroundTruthAccumulator(records, gating_type, layers, kinds)
 
     @property
@@ -72,6 +75,7 @@ class GateSink:
 
     def _account(self, qid, vid, gates, n_clips):
         self.stats.update(qid, gates, vid=vid, n_clips=n_clips)
+        self.lanes.add(qid, vid, gates)
         if self.ground_truth is not None:
             self.ground_truth.add("gate", qid, gates, n_clips=n_clips)
 

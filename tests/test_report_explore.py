@@ -12,7 +12,8 @@ import pytest
 
 from conftest import demo_data_args, run_gate_analysis_main, small_checkpoint
 from gate_analysis.report import build_report
-from gate_analysis.report_explore import ROW_LIMIT, decode_fixed, encode_fixed
+from gate_analysis.report_explore import ROW_LIMIT, decode_fixed, encode_fixed, explore_data
+from gate_analysis.sink import GateSink
 from gate_analysis.store import GateStoreWriter, load_gate_run
 from qd_detr.annotations import read_jsonl
 
@@ -170,6 +171,48 @@ def test_per_query_gating_stores_one_value_per_query(tmp_path):
     assert first["query"] == text and first["gt"] is None and first["pred"]["windows"] == [[0, 4, 0.9], [2, 8, 0.5]]
     assert _close_fixed(first["pred"]["saliency"], [0.1 * t for t in range(10)])
     assert third["pred"] is None and videos[1]["n_clips"] == 10
+
+
+def test_lanes_built_during_the_run_equal_those_read_back_from_the_store(run):
+    """The run's report takes its lanes from the sink (no store read-back); a report built from the folder alone
+    (``--report_only``) reads them from the store: the same data, to the byte."""
+    out, _ = run
+    manifest = json.loads((out / "run.json").read_text())
+    table, videos = _blobs((out / "report.html").read_text())
+    from_store = explore_data(out, manifest)
+    assert json.dumps(from_store[0], sort_keys=True) == json.dumps(table, sort_keys=True)
+    assert [json.dumps(v, sort_keys=True) for v in from_store[1]] == \
+        [json.dumps(videos[i], sort_keys=True) for i in range(len(videos))]
+
+
+@pytest.mark.parametrize("gating_type", ["global", "clipwise", "elementwise"])
+def test_sink_lanes_equal_store_lanes_and_unseen_videos_are_read(tmp_path, gating_type):
+    """A sink's ``LaneAccumulator`` gives each video the lanes read back from its store (first query per video for
+    per-clip gating, every query for per-query gating, a video without vid per query; float64 gates, which the
+    store keeps as float32, for the global and elementwise cases); a video whose queries it did not all see
+    (here: one added to the store directly) is read from the store instead."""
+    rng = np.random.default_rng(3)
+    shape = {"global": lambda t: (1,), "clipwise": lambda t: (t,), "elementwise": lambda t: (t, 8)}[gating_type]
+    queries = [(1, "a", 5), (2, "b", 7), (3, "a", 5), (4, "", 6), (5, "", 4), (6, "c", 3)]
+    sink = GateSink(tmp_path, gating_type, 2, hidden_dim=8)
+    for i, (qid, vid, t) in enumerate(queries):
+        dtype = np.float32 if gating_type == "clipwise" else np.float64
+        gates = {(layer, kind): (rng.normal(size=shape(t)) * 3).astype(dtype) for layer in (0, 1)
+                 for kind in ("mha", "ffn")}
+        if qid == 6:  # behind the accumulator's back
+            sink.store.add(qid, vid, gates, n_clips=t)
+        else:
+            sink.add(qid, vid, gates, n_clips=t)
+        if i % 2:
+            sink.flush()
+    sink.close()
+    run_json = {"status": "complete", "model": {"gating_type": gating_type}}
+    read, built = explore_data(tmp_path, run_json), explore_data(tmp_path, run_json, lanes=sink.lanes)
+    assert [v["vid"] for v in read[1]] == ["a", "b", "", "", "c"]
+    assert json.dumps(read, sort_keys=True) == json.dumps(built, sort_keys=True)
+    assert sink.lanes.lanes("c", [6]) is None and sink.lanes.lanes("a", [1, 3]) is not None
+    assert sink.lanes.lanes("a", [3, 1]) is None  # another first query
+    assert (sink.lanes.lanes("a", [1]) is None) == (gating_type == "global")  # per-query lanes: all the queries
 
 
 def test_page_script_is_valid_javascript(run, tmp_path):
