@@ -258,7 +258,7 @@ def _video_gates(folder):
     pv = _csv(folder, STATS_CSV_FILES["per_video"])
     if pv is None or not len(pv):
         return {}, []
-    pv = pv.assign(mean=_num(pv["mean"]), key=[v or f"qid:{q}" for v, q in zip(pv["vid"], pv["qid"])])
+    pv = pv.assign(mean=_num(pv["mean"]), key=[_video_key(q, v) for v, q in zip(pv["vid"], pv["qid"])])
     out = {}
     for key, name, mean in zip(pv["key"], pv["name"], pv["mean"]):
         out.setdefault(key, {})[name] = _r4(mean)
