@@ -159,14 +159,16 @@ def overall_effects(intervention, per_query, base_brief=None, ablated_brief=None
 
 
 def run_ablation(model, dataset, batches, device, interventions, base_lines, output_dir=None, gate_means=None,
-                 seed=0, progress=False, num_workers=0, base_brief=None, log=None):
+                 seed=0, progress=False, num_workers=0, base_brief=None, log=None, base_metrics=None):
     """Run every intervention and compare it with ``base_lines`` (the main pass, dataset order).
 
     Returns ``(per_query_df, overall_df, info)``; with ``output_dir`` also writes ``ablation.csv``,
     ``ablation_overall.csv`` and ``ablation/{name}.jsonl`` (ablated predictions). ``info`` holds
-    seconds and the ablated brief metrics per intervention."""
+    seconds and the ablated brief metrics per intervention. ``base_metrics``: ``{qid: per-query metrics}`` of
+    ``base_lines`` when already computed (e.g. by ``performance.QueryMetrics``)."""
     records = dataset.records
-    base_metrics = _metrics_by_qid(base_lines, records)
+    if base_metrics is None:
+        base_metrics = _metrics_by_qid(base_lines, records)
     if base_brief is None:
         base_brief = (evaluate(base_lines, records) or {}).get("brief")
     per_query, overall, info = [], [], {}

@@ -83,10 +83,13 @@ def ablation_step(run, res):
         return
     brief = run.brief
     means = dataset_mean_gates(acc) if any(iv.value == "mean" for iv in interventions) else None
+    base_metrics = None
+    if run.query_metrics is not None:
+        base_metrics = {row["qid"]: row for row in run.query_metrics.rows(run.lines, run.dataset.records)}
     res.ablation, ablation_ov, info = AB.run_ablation(
         run.model, run.dataset, run.batches, run.device, interventions, run.lines, output_dir=run.out,
         gate_means=means, seed=cfg.ablate_seed or 0, progress=run.progress, num_workers=cfg.num_workers or 0,
-        base_brief=brief)
+        base_brief=brief, base_metrics=base_metrics)
     res.reference = reference_intervention(interventions).name
     res.analyses["ablation"] = {"interventions": [iv.name for iv in interventions], "reference": res.reference,
                                 "seed": cfg.ablate_seed or 0, "runs": info}
@@ -155,7 +158,7 @@ def performance_step(run, res):
     split = bool(info and info["mode"] == "split")
     if any(r.get("relevant_windows") for r in records):
         qs = acc.query_stats()
-        perf = PF.performance_table(run.lines, records, qs, res.contribution_summary)
+        perf = PF.performance_table(run.lines, records, qs, res.contribution_summary, metrics=run.query_metrics)
         corr = PF.correlation_table(perf, res.ablation)
         frames = {PERFORMANCE_FILE: perf, PERFORMANCE_CORRELATIONS_FILE: corr}
         joined = PF.ablation_join(perf, res.ablation)

@@ -41,7 +41,7 @@ from .outputs import (
 from .rank_stats import mann_whitney, paired_wilcoxon, spearman
 from .stats_csv import gate_id_columns
 
-__all__ = ["performance_table", "ablation_join", "correlation_table", "failure_cases", "failure_comparison", "read_subset",
+__all__ = ["QueryMetrics", "performance_table", "ablation_join", "correlation_table", "failure_cases", "failure_comparison", "read_subset",
            "apply_subset", "subset_comparison", "query_gate_features", "write_performance", "CSV_COLUMNS",
            "PLOT_FILES", "METRICS", "SUCCESS_IOU"]
 
@@ -160,13 +160,58 @@ def _window_length(rec):
     return float(sum(max(0.0, float(w[1]) - float(w[0])) for w in rec.get("relevant_windows") or []))
 
 
-def performance_table(lines, records, query_stats, contrib_summary=None):
-    """``gate_performance.csv`` rows (DataFrame) for the labelled, predicted queries; empty without labels."""
+class QueryMetrics:
+    """The official per-query metrics (``qd_detr.eval.per_query_metrics``) of a run's predictions, computed
+    batch by batch while the model runs (``add``, on the gate bookkeeping thread) instead of all at once
+    afterwards. ``rows(lines, records)`` equals ``per_query_metrics(lines, labelled records)``: a query whose
+    final line or record is not the one ``add`` saw (e.g. restored by ``--resume``) is computed then."""
+
+    def __init__(self, records):
+        self._labelled = {r["qid"]: r for r in records if r.get("relevant_windows")}
+        self._seen = {}  # qid -> (line, record, metrics row)
+
+    def add(self, lines):
+        """Metrics of the labelled queries among ``lines`` (submission lines of one batch)."""
+        lines = [line for line in lines if line.get("qid") in self._labelled]
+        if not lines:
+            return
+        recs = [self._labelled[line["qid"]] for line in lines]
+        try:
+            rows = per_query_metrics(lines, recs)
+        except (DataError, KeyError, TypeError, ValueError):
+            return  # not kept: ``rows`` computes these queries again and reports the problem there
+        by_qid = {line["qid"]: (line, rec) for line, rec in zip(lines, recs)}
+        for row in rows:
+            self._seen[row["qid"]] = by_qid[row["qid"]] + (row,)
+
+    def rows(self, lines, records):
+        """``per_query_metrics(lines, [r for r in records if r.get("relevant_windows")])``."""
+        labelled = [r for r in records if r.get("relevant_windows")]
+        preds = {line["qid"]: line for line in lines}
+        if not labelled or not lines or len(preds) != len(lines) or len({r["qid"] for r in labelled}) != len(labelled):
+            return per_query_metrics(lines, labelled)  # also what reports duplicate qids
+        known, missing = {}, []
+        for rec in labelled:
+            line, seen = preds.get(rec["qid"]), self._seen.get(rec["qid"])
+            if line is None:
+                continue
+            if seen is not None and seen[0] == line and seen[1] == rec:
+                known[rec["qid"]] = seen[2]
+            else:
+                missing.append(rec)
+        if missing:
+            known.update((row["qid"], row) for row in per_query_metrics([preds[r["qid"]] for r in missing], missing))
+        return [known[r["qid"]] for r in labelled if r["qid"] in known]
+
+
+def performance_table(lines, records, query_stats, contrib_summary=None, metrics=None):
+    """``gate_performance.csv`` rows (DataFrame) for the labelled, predicted queries; empty without labels.
+    ``metrics``: a ``QueryMetrics`` fed during the run (default: the metrics are computed here)."""
     cols = list(CSV_COLUMNS[PERFORMANCE_FILE])
     labelled = [r for r in records if r.get("relevant_windows")]
     if not labelled:
         return pd.DataFrame(columns=cols)
-    metrics = pd.DataFrame(per_query_metrics(lines, labelled))
+    metrics = pd.DataFrame(per_query_metrics(lines, labelled) if metrics is None else metrics.rows(lines, labelled))
     info = pd.DataFrame({"qid": [r["qid"] for r in labelled], "duration": [float(r["duration"]) for r in labelled],
                          "window_length": [_window_length(r) for r in labelled]})
     feats = query_gate_features(query_stats, contrib_summary)

@@ -72,6 +72,7 @@ from .outputs import (
     PREDICTIONS_FILE,
     REPORT_FILE,
 )
+from .performance import QueryMetrics
 from .sink import GateSink
 
 __all__ = ["AnalysisConfig", "RunState", "run_analysis", "load_model_for_analysis", "STEPS", "check_arguments",
@@ -110,6 +111,7 @@ class RunState:
     contributions: ContributionWriter = None
     loop_stats: dict = field(default_factory=dict)     # capture_gates
     n_done: int = 0
+    query_metrics: object = None  # capture_gates: performance.QueryMetrics of the predicted lines
     lines: list = None          # write_predictions
     metrics: dict = None
     csvs: dict = None           # write_statistics
@@ -328,13 +330,15 @@ def capture_gates(run):
             if contrib is not None:
                 contrib.add(rec, vid)
 
-    def flush_shard():
+    def flush_shard(batch_lines):
         sink.flush()
+        run.query_metrics.add(batch_lines)  # the official per-query metrics, off the main thread
         release_freed_memory()  # the batch's gate arrays: keeps the peak flat over long runs
 
     def progress():
         return {"queries_done": run.n_done, "exact_reruns": stats.get("exact_reruns", 0)}
 
+    run.query_metrics = QueryMetrics(run.dataset.records)
     worker = OrderedWorker()  # gate bookkeeping overlaps the next forward pass
     recorder = GateRecorder(run.fusion, lambda gate_records: worker.submit(consume, gate_records),
                             capture_contributions=contrib is not None)
@@ -351,7 +355,7 @@ def capture_gates(run):
                 partial_fh.writelines(json.dumps(line) + "\n" for line in batch_lines)
                 partial_fh.flush()
                 os.fsync(partial_fh.fileno())
-                worker.submit(flush_shard)
+                worker.submit(flush_shard, batch_lines)
                 run.n_done += len(batch_lines)
                 run.manifest["progress"] = progress()
         worker.close()

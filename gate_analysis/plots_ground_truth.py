@@ -192,9 +192,22 @@ def _plot_across_queries(df, path, gate_ranges=None):
     return save_png(fig, path)
 
 
+def _saliency_shades(inside, sal):
+    """Shading of the relevant clips: (x ranges [(start, width)], RGBA colours), one per relevant clip, darker
+    for a higher saliency (mean of the annotators' 0-4 scores); one mid grey without saliency scores."""
+    cmap = plt.get_cmap("Greys")
+    idx = np.flatnonzero(inside)
+    level = np.where(np.isnan(sal[idx]), 2.0, np.clip(np.nan_to_num(sal[idx]), 0.0, 4.0))
+    return [(i - 0.5, 1.0) for i in idx], cmap(_SHADE_LO + (_SHADE_HI - _SHADE_LO) * level / 4.0)
+
+
+_SHADE_LO, _SHADE_HI = 0.08, 0.5  # Greys positions of saliency 0 and 4 (the gate lines stay readable on both)
+
+
 def _plot_examples(records, gate_run, n_examples, path):
-    """Per-clip gates of up to ``n_examples`` labelled queries (relevant clips shaded, saliency dotted);
-    None when no query is labelled."""
+    """Per-clip gates of up to ``n_examples`` labelled queries, one line per layer; relevant clips shaded
+    grey, darker for a higher saliency. None when no query is labelled."""
+    from matplotlib.patches import Patch
     labelled = {r["qid"]: r for r in records if r.get("relevant_clip_ids")}
     candidates = [q for q in gate_run.qids if q in labelled]
     if not candidates:
@@ -204,35 +217,39 @@ def _plot_examples(records, gate_run, n_examples, path):
     gate_ranges = getattr(gate_run, "gate_ranges", None)
     fig, axes = plt.subplots(len(chosen), len(kinds), figsize=(6.2 * len(kinds), 2.5 * len(chosen) + 0.8),
                              layout=LAYOUT, squeeze=False)
+    has_saliency = False
     for i, qid in enumerate(chosen):
         gates = gate_run.gates(qid)
         for j, kind in enumerate(kinds):
             ax = axes[i, j]
-            t = None
-            for c, layer in enumerate(gate_run.layers):
-                v = per_clip_values(gates[(layer, kind)])
-                t = v.size
-                ax.plot(np.arange(t), v, color=_layer_color(c), lw=1.2,
-                        label=f"layer {layer}")
+            values = [per_clip_values(gates[(layer, kind)]) for layer in gate_run.layers]
+            t = values[-1].size
+            for c, (layer, v) in enumerate(zip(gate_run.layers, values)):
+                ax.plot(np.arange(v.size), v, color=_layer_color(c), lw=1.2, label=f"layer {layer}")
             inside, sal = clip_labels(labelled[qid], t)
-            edges = np.diff(np.concatenate([[0], inside.astype(np.int8), [0]]))
-            starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)  # runs of relevant clips
+            has_saliency |= bool(np.isfinite(sal).any())
             sc = panel_scale(None, kind, gate_ranges)
-            value_lim(ax, sc, np.concatenate([per_clip_values(gates[(layer, kind)]) for layer in gate_run.layers]))
+            value_lim(ax, sc, np.concatenate(values))
             lo, hi = ax.get_ylim()
-            ax.broken_barh([(a - 0.5, b - a) for a, b in zip(starts, ends)], (lo, hi - lo), color="0.85", lw=0,
-                           zorder=0)
+            xranges, shades = _saliency_shades(inside, sal)
+            ax.broken_barh(xranges, (lo, hi - lo), facecolors=shades, lw=0, zorder=0)
             zero_line(ax, sc, axis="y")
             ax.set_xlim(-0.5, t - 0.5)
-            tw = ax.twinx()
-            tw.plot(np.arange(t), sal, color="k", lw=0.9, ls=":", label="saliency")
-            tw.set_ylim(0, 4.2)
-            tw.set_ylabel("saliency (mean of 3)", fontsize=8)
-            ax.set_title(f"qid {qid}: {gate_name('*', kind)} (grey: relevant clips)", fontsize=9, loc="left")
+            ax.set_title(f"qid {qid}: {gate_name('*', kind)}", fontsize=9, loc="left")
             ax.set_ylabel("gate")
             if i == len(chosen) - 1:
                 ax.set_xlabel("clip (2 s)")
-            if i == 0 and j == 0:
-                ax.legend(fontsize=7, loc="lower left", ncol=2)
-    fig.suptitle("Gates along the video, relevant clips shaded grey, saliency dotted black (right axis)", fontsize=11)
+    handles, _ = axes[0, 0].get_legend_handles_labels()
+    if has_saliency:
+        cmap = plt.get_cmap("Greys")
+        handles += [Patch(facecolor=cmap(_SHADE_LO + (_SHADE_HI - _SHADE_LO) * s / 4.0), label=f"saliency {s}")
+                    for s in (1, 2, 3, 4)]
+        shading = "relevant clips shaded, darker = higher saliency (mean of 3 annotators, 0-4)"
+    else:
+        handles.append(Patch(facecolor=plt.get_cmap("Greys")(_SHADE_LO + (_SHADE_HI - _SHADE_LO) / 2),
+                             label="relevant clip"))
+        shading = "relevant clips shaded grey"
+    fig.legend(handles=handles, fontsize=8, loc="outside lower center", ncol=len(handles), frameon=False)
+    fig.suptitle(f"Gates along the video of {len(chosen)} labelled queries, one line per layer; {shading}",
+                 fontsize=11)
     return save_png(fig, path)

@@ -134,7 +134,7 @@ def test_titles_name_only_the_analyses_that_ran(runs):
         assert "contribution" in _titles(full, png).lower(), png
     # only the run with an audio-off intervention says what orange means for it
     assert "audio-off" in _titles(full, "ablation_per_query.png")
-    assert "saliency dotted black" in _titles(plain, "ground_truth_examples.png")
+    assert "darker = higher saliency" in _titles(plain, "ground_truth_examples.png")
 
 
 def test_one_colour_convention(runs):

@@ -5,6 +5,7 @@ import pytest
 
 from gate_analysis.performance import (
     CSV_COLUMNS,
+    QueryMetrics,
     ablation_join,
     apply_subset,
     correlation_table,
@@ -40,6 +41,32 @@ def _records_and_lines(n=8):
         lines.append({"qid": q, "vid": f"v{q}", "pred_relevant_windows": [[st + shift, st + shift + 10, 0.9]],
                       "pred_saliency_scores": [0.0] * 30})
     return recs, lines
+
+
+def test_query_metrics_fed_batch_by_batch_equal_the_metrics_computed_at_the_end():
+    recs, lines = _records_and_lines(10)
+    recs.append({"qid": 99, "vid": "v99", "duration": 60})  # unlabelled: no metrics row
+    lines.append({"qid": 99, "vid": "v99", "pred_relevant_windows": [[0, 10, 0.5]], "pred_saliency_scores": [0.0] * 30})
+    labelled = [r for r in recs if r.get("relevant_windows")]
+    want = per_query_metrics(lines, labelled)
+    qm = QueryMetrics(recs)
+    for start in (0, 4):  # batches of the run; queries 8, 9 and 99 never seen (e.g. restored by --resume)
+        qm.add(lines[start:start + 4])
+    assert sorted(qm._seen) == list(range(8))
+    assert qm.rows(lines, recs) == want
+    final = [dict(line) for line in lines]
+    final[2]["pred_relevant_windows"] = [[0, 2, 0.9]]  # a line that changed after it was seen: recomputed
+    assert qm.rows(final, recs) == per_query_metrics(final, labelled) != want
+    assert qm.rows(lines[:5], recs) == per_query_metrics(lines[:5], labelled)  # only the predicted queries
+    bad = QueryMetrics(recs)
+    bad.add([{"qid": 1, "vid": "v1", "pred_relevant_windows": "oops", "pred_saliency_scores": []}])
+    assert bad._seen == {}  # not kept; the final call reports the problem as per_query_metrics does
+    with pytest.raises(DataError, match="duplicate|more than once"):
+        qm.rows(lines + lines[:1], recs)
+    # the table built with the metrics fed during the run is the one built from scratch
+    means = {(q, l, k): 0.1 * q + l for q in range(10) for l in (0, 1) for k in ("mha", "ffn")}
+    qs = _query_stats(range(10), means)
+    pd.testing.assert_frame_equal(performance_table(lines, recs, qs, metrics=qm), performance_table(lines, recs, qs))
 
 
 def test_performance_table_joins_metrics_and_gates_and_correlates():
