@@ -11,6 +11,7 @@ from .figures import (
     KIND_COLOR,
     LAYOUT,
     kind_label,
+    legend_columns,
     panel_scale,
     plt,
     save_png,
@@ -192,16 +193,20 @@ def _plot_across_queries(df, path, gate_ranges=None):
     return save_png(fig, path)
 
 
+_SHADE_LO, _SHADE_HI = 0.08, 0.5  # Greys positions of saliency 0 and 4 (the gate lines stay readable on both)
+
+
+def _shade(saliency):
+    """RGBA shade(s) of a relevant clip of ``saliency`` (0-4, scalar or array): darker for higher saliency."""
+    return plt.get_cmap("Greys")(_SHADE_LO + (_SHADE_HI - _SHADE_LO) * np.asarray(saliency, dtype=float) / 4.0)
+
+
 def _saliency_shades(inside, sal):
     """Shading of the relevant clips: (x ranges [(start, width)], RGBA colours), one per relevant clip, darker
-    for a higher saliency (mean of the annotators' 0-4 scores); one mid grey without saliency scores."""
-    cmap = plt.get_cmap("Greys")
+    for a higher saliency (mean of the annotators' 0-4 scores); the shade of saliency 2 without scores."""
     idx = np.flatnonzero(inside)
     level = np.where(np.isnan(sal[idx]), 2.0, np.clip(np.nan_to_num(sal[idx]), 0.0, 4.0))
-    return [(i - 0.5, 1.0) for i in idx], cmap(_SHADE_LO + (_SHADE_HI - _SHADE_LO) * level / 4.0)
-
-
-_SHADE_LO, _SHADE_HI = 0.08, 0.5  # Greys positions of saliency 0 and 4 (the gate lines stay readable on both)
+    return [(i - 0.5, 1.0) for i in idx], _shade(level)
 
 
 def _plot_examples(records, gate_run, n_examples, path):
@@ -241,15 +246,13 @@ def _plot_examples(records, gate_run, n_examples, path):
                 ax.set_xlabel("clip (2 s)")
     handles, _ = axes[0, 0].get_legend_handles_labels()
     if has_saliency:
-        cmap = plt.get_cmap("Greys")
-        handles += [Patch(facecolor=cmap(_SHADE_LO + (_SHADE_HI - _SHADE_LO) * s / 4.0), label=f"saliency {s}")
-                    for s in (1, 2, 3, 4)]
+        handles += [Patch(facecolor=_shade(s), label=f"saliency {s}") for s in (1, 2, 3, 4)]
         shading = "relevant clips shaded, darker = higher saliency (mean of 3 annotators, 0-4)"
     else:
-        handles.append(Patch(facecolor=plt.get_cmap("Greys")(_SHADE_LO + (_SHADE_HI - _SHADE_LO) / 2),
-                             label="relevant clip"))
+        handles.append(Patch(facecolor=_shade(2), label="relevant clip"))
         shading = "relevant clips shaded grey"
-    fig.legend(handles=handles, fontsize=8, loc="outside lower center", ncol=len(handles), frameon=False)
+    fig.legend(handles=handles, fontsize=8, loc="outside lower center", frameon=False,
+               ncol=legend_columns(fig, [h.get_label() for h in handles], 8))
     fig.suptitle(f"Gates along the video of {len(chosen)} labelled queries, one line per layer; {shading}",
                  fontsize=11)
     return save_png(fig, path)
