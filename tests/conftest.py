@@ -4,6 +4,7 @@ subprocess). Test modules import these by name; none re-declares them."""
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -17,6 +18,12 @@ SHARED = ROOT.parent / "shared"
 FIXTURES = SHARED / "fixtures"
 FIXTURE_DATA = FIXTURES / "data"
 QVH_DATA = SHARED / "data" / "qvhighlights"  # the real QVHighlights annotations and the official eval sample
+
+# A test that sends Ctrl-C to a child needs SIGINT delivered: a suite started in the background by a shell
+# without job control inherits SIGINT ignored, and so would every child (Python then never raises
+# KeyboardInterrupt). The default handler here makes the children start with the default disposition.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
