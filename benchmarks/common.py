@@ -180,6 +180,12 @@ def write_checkpoint(path, gating_type, dirs, seed=0):
     return path, sum(p.numel() for p in model.parameters())
 
 
+def fixture_dirs(data):
+    """The feature folders of the shared fixtures' data folder ``data`` (``../shared/fixtures/data``)."""
+    return {"v_feat_dirs": [os.path.join(data, "slowfast_features"), os.path.join(data, "clip_features")],
+            "t_feat_dir": os.path.join(data, "clip_text_features"), "a_feat_dir": os.path.join(data, "pann_features")}
+
+
 def feature_args(dirs):
     """The feature-folder flags of the command-line tools."""
     return ["--v_feat_dirs", *dirs["v_feat_dirs"], "--t_feat_dir", dirs["t_feat_dir"], "--a_feat_dir", dirs["a_feat_dir"]]

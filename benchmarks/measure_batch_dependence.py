@@ -21,7 +21,10 @@ import sys
 import numpy as np
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import common  # noqa: E402
 
 from qd_detr.checkpoint import load_checkpoint, read_checkpoint, split_checkpoint, strict_load  # noqa: E402
 from qd_detr.dataset import collate, model_kwargs, read_jsonl  # noqa: E402
@@ -68,8 +71,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(1)
     data = os.path.join(args.fixtures, "data")
-    dirs = {"v_feat_dirs": [os.path.join(data, "slowfast_features"), os.path.join(data, "clip_features")],
-            "t_feat_dir": os.path.join(data, "clip_text_features"), "a_feat_dir": os.path.join(data, "pann_features")}
+    dirs = common.fixture_dirs(data)
     records = read_jsonl(os.path.join(data, "highlight_val_release.jsonl"))
     cases = []
     for name in sorted(os.listdir(args.fixtures)):

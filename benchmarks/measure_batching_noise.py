@@ -73,8 +73,7 @@ def main(argv=None):
     fx = args.fixtures
     if os.path.isdir(fx):
         d = os.path.join(fx, "data")
-        dirs = {"v_feat_dirs": [os.path.join(d, "slowfast_features"), os.path.join(d, "clip_features")],
-                "t_feat_dir": os.path.join(d, "clip_text_features"), "a_feat_dir": os.path.join(d, "pann_features")}
+        dirs = common.fixture_dirs(d)
         for name in FIXTURES:
             ckpt = os.path.join(fx, name, "model.ckpt")
             if os.path.exists(ckpt):

@@ -34,7 +34,10 @@ import time
 import numpy as np
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import common  # noqa: E402
 
 from gate_analysis.reproduction import (  # noqa: E402
     NOISE_BOUNDS,
@@ -148,8 +151,7 @@ def _effects(base_lines, lines, raw, records, base_metrics):
 
 def measure(fixtures, names, seeds, rel, sensitivity):
     data = os.path.join(fixtures, "data")
-    dirs = {"v_feat_dirs": [os.path.join(data, "slowfast_features"), os.path.join(data, "clip_features")],
-            "t_feat_dir": os.path.join(data, "clip_text_features"), "a_feat_dir": os.path.join(data, "pann_features")}
+    dirs = common.fixture_dirs(data)
     all_records = {r["qid"]: r for r in read_jsonl(os.path.join(data, "highlight_val_release.jsonl"))}
     files = {n: read_original_predictions(os.path.join(fixtures, n, "hl_val_submission.jsonl")) for n in names}
     results = {}
