@@ -131,3 +131,37 @@ def test_figure_pool_cancel_stops_busy_processes_even_under_the_sigterm_handler(
     assert all(not p.is_alive() for p in procs)
     time.sleep(0.2)
     assert not list(tmp_path.iterdir())
+
+
+class _Node:
+    pass
+
+
+_LAST_CYCLE = []
+
+
+def _make_cycle_and_report(path):
+    """A figure-like task: reports whether the cycle made by the previous task in this process is gone and
+    whether automatic collection is on while it runs, then leaves a cycle of its own."""
+    import gc
+    import weakref
+    previous_freed = all(ref() is None for ref in _LAST_CYCLE)
+    node = _Node()
+    node.self = node  # a reference cycle: only the cyclic collector frees it
+    _LAST_CYCLE[:] = [weakref.ref(node)]
+    del node
+    with open(path, "w") as fh:
+        fh.write(f"{gc.isenabled()} {previous_freed}")
+    return path
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="figure processes are forked on Linux only")
+def test_figure_processes_collect_once_after_each_task_not_during_it(tmp_path):
+    from gate_analysis.background import FigurePool
+    pool = FigurePool(workers=1)
+    try:
+        paths = [pool.submit(_make_cycle_and_report, str(tmp_path / f"{i}.txt")).result()[0] for i in range(3)]
+    finally:
+        pool.close()
+    # no automatic collection inside a task; the cycle a task left is freed before the next task starts
+    assert [open(p).read() for p in paths] == ["False True"] * 3
