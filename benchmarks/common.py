@@ -186,6 +186,13 @@ def fixture_dirs(data):
             "t_feat_dir": os.path.join(data, "clip_text_features"), "a_feat_dir": os.path.join(data, "pann_features")}
 
 
+def fusion_fixtures(fixtures):
+    """Names of the shared fixtures' checkpoint folders whose model has a fusion module (every ``ckpt_*`` with a
+    ``model.ckpt`` but ``ckpt_main_plain``), sorted."""
+    return sorted(n for n in os.listdir(fixtures) if n.startswith("ckpt_") and n != "ckpt_main_plain"
+                  and os.path.exists(os.path.join(fixtures, n, "model.ckpt")))
+
+
 def feature_args(dirs):
     """The feature-folder flags of the command-line tools."""
     return ["--v_feat_dirs", *dirs["v_feat_dirs"], "--t_feat_dir", dirs["t_feat_dir"], "--a_feat_dir", dirs["a_feat_dir"]]

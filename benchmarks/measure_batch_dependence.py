@@ -74,10 +74,8 @@ def main():
     dirs = common.fixture_dirs(data)
     records = read_jsonl(os.path.join(data, "highlight_val_release.jsonl"))
     cases = []
-    for name in sorted(os.listdir(args.fixtures)):
+    for name in common.fusion_fixtures(args.fixtures):
         path = os.path.join(args.fixtures, name, "model.ckpt")
-        if not name.startswith("ckpt_") or name == "ckpt_main_plain":
-            continue
         model, opt, _ = load_checkpoint(path)
         cases.append((name, model, opt))
         if name == "ckpt_v2_clipwise_film":

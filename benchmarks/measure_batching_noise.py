@@ -30,9 +30,6 @@ from qd_detr.engine import forward  # noqa: E402
 from qd_detr.inference import build_dataset, make_batches  # noqa: E402
 from qd_detr.postprocess import PROB_NOISE, SPAN_NOISE, ambiguous_rows  # noqa: E402
 
-FIXTURES = ("ckpt_avigate_legacy", "ckpt_custom_clipwise", "ckpt_custom_global", "ckpt_ssm_diagstrip",
-            "ckpt_v2_clipwise_film")
-
 
 def noise(ckpt, data_path, dirs, batch_size):
     """(queries, max |d prob|, max |d span|, queries flagged by ambiguous_rows) of one checkpoint."""
@@ -74,11 +71,10 @@ def main(argv=None):
     if os.path.isdir(fx):
         d = os.path.join(fx, "data")
         dirs = common.fixture_dirs(d)
-        for name in FIXTURES:
-            ckpt = os.path.join(fx, name, "model.ckpt")
-            if os.path.exists(ckpt):
-                rows.append((f"{name} (fixture)",) + noise(ckpt, os.path.join(d, "highlight_val_release.jsonl"), dirs,
-                                                           args.batch_size))
+        for name in common.fusion_fixtures(fx):
+            rows.append((f"{name} (fixture)",) + noise(os.path.join(fx, name, "model.ckpt"),
+                                                       os.path.join(d, "highlight_val_release.jsonl"), dirs,
+                                                       args.batch_size))
     print(f"bounds: PROB_NOISE {PROB_NOISE:.1e}, SPAN_NOISE {SPAN_NOISE:.1e}; batch {args.batch_size} vs alone")
     common.print_table(("layout", "queries", "max d prob", "of bound", "max d span", "of bound", "re-run"),
                        [(name, n, f"{dp:.2e}", f"{dp / PROB_NOISE:.2f}", f"{ds:.2e}", f"{ds / SPAN_NOISE:.2f}",
