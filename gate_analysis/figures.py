@@ -12,6 +12,9 @@ differences (an intervention's change of a metric, a correlation) never use the 
 ``EFFECT_CMAP`` (``PuOr``; purple = better / higher, orange = worse / lower, ``effect_colors``), so red
 and blue always mean a gate value.
 
+Ticks: where matplotlib places an axis's ticks itself, ``save_png`` allows at most ``MAX_TICK_BINS``
+intervals (``cap_auto_ticks``; matplotlib allows 9), so gate axes on [-1, 1] show steps of 0.5.
+
 Text check (``check_figure_text``): with the environment variable ``AVIGATE_CHECK_FIGURE_TEXT`` set
 (``1``: raise ``FigureTextError``; ``warn``: a warning), ``save_png`` draws every figure before writing it
 and checks that each drawn text (titles, axis and tick labels, legend and colour-bar texts, annotations)
@@ -22,12 +25,14 @@ import math
 import os
 import warnings
 from collections import namedtuple
+from functools import partial
 
 import matplotlib
 
 matplotlib.use("Agg")  # before pyplot is imported (here or anywhere)
 import numpy as np  # noqa: E402
 from matplotlib import colors as mcolors  # noqa: E402
+from matplotlib import ticker as mticker  # noqa: E402
 from matplotlib.transforms import Bbox  # noqa: E402
 
 from qd_detr.gates import GATE_KINDS, GateRange  # noqa: E402
@@ -35,7 +40,8 @@ from qd_detr.gates import GATE_KINDS, GateRange  # noqa: E402
 from . import ranges as R  # noqa: E402
 
 __all__ = ["plt", "DPI", "LAYOUT", "PAD_COLOR", "KIND_COLOR", "KIND_LABEL", "EFFECT_CMAP", "effect_colors",
-           "save_png", "subsample_indices", "CHECK_TEXT_ENV", "CHECKED_TEXTS", "FigureText", "FigureTextError",
+           "save_png", "MAX_TICK_BINS", "CappedAutoLocator", "cap_auto_ticks", "subsample_indices",
+           "CHECK_TEXT_ENV", "CHECKED_TEXTS", "FigureText", "FigureTextError",
            "figure_texts", "clipped_texts", "check_figure_text", "text_width", "wrap_text", "legend_columns",
            "Scale", "panel_scale", "union_scale", "same_scale", "range_limits", "ranges_by_gate", "all_tanh",
            "cmap_norm", "value_label", "colorbar", "value_lim", "zero_line", "near_zero_band", "kind_label",
@@ -48,6 +54,10 @@ KIND_COLOR = {"mha": "tab:purple", "ffn": "tab:green", "beta": "tab:orange"}
 PAD_COLOR = "#b3b3b3"  # NaN / padding: neutral grey, distinct from the near-white of g ~ 0
 DPI = 100
 LAYOUT = "constrained"
+#: Most intervals between the major ticks that matplotlib places itself (its own limit is 9): a [-1, 1]
+#: gate axis keeps its 0.5 steps; every tick is a few artists that each layout pass and the draw recompute,
+#: so fewer ticks are most of what makes a panel cheaper to draw (``cap_auto_ticks``).
+MAX_TICK_BINS = 6
 #: Diverging colormap of effects and differences (purple = better / higher, orange = worse / lower); never
 #: the gate colormap (``RdBu_r``: red = audio added, blue = audio subtracted).
 EFFECT_CMAP = "PuOr"
@@ -454,6 +464,33 @@ def check_figure_text(fig, path=None, drawn=False, bbox_inches=None, pad_inches=
 
 
 # -- writing -------------------------------------------------------------------------------------
+class CappedAutoLocator(mticker.AutoLocator):
+    """matplotlib's default tick locator with at most ``max_bins`` intervals: as many as the axis has room
+    for (its tick space at the current layout), never more than ``max_bins``."""
+
+    def __init__(self, max_bins=MAX_TICK_BINS):
+        super().__init__()
+        self.max_bins = int(max_bins)
+
+    def tick_values(self, vmin, vmax):
+        room = self.axis.get_tick_space() if self.axis is not None else self.max_bins
+        self.set_params(nbins=max(1, min(room, self.max_bins)))
+        try:
+            return super().tick_values(vmin, vmax)
+        finally:
+            self.set_params(nbins="auto")
+
+
+def cap_auto_ticks(fig, max_bins=MAX_TICK_BINS):
+    """Give every axis of ``fig`` whose major ticks matplotlib places by default (an unchanged
+    ``AutoLocator``) a ``CappedAutoLocator``; ticks a figure set itself are left alone."""
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            loc = axis.get_major_locator()
+            if type(loc) is mticker.AutoLocator and getattr(loc, "_nbins", None) == "auto":
+                axis.set_major_locator(CappedAutoLocator(max_bins))
+
+
 def _run_layout(fig):
     """What ``Figure.draw`` does before drawing: every axes' aspect and locator applied, then the layout
     engine run (the positions the real draw uses), without drawing any artist."""
@@ -470,29 +507,59 @@ def _run_layout(fig):
         pass
 
 
+def _freeze_titles(fig):
+    """Keep every axes title where matplotlib first puts it (``y = 1`` in axes units, the title pad above the
+    axes) instead of placing it again in each layout pass and in the draw (each placement recomputes every
+    sibling's y ticks). That placement only ever raises a title above x tick labels or an x label on top
+    of the axes, or above a y offset text: none of the first two exist in the figure when this freezes
+    anything, and ``_offset_text_shown`` tells after the layout whether to undo it. Returns the axes
+    frozen (none where matplotlib has no ``_autotitlepos``)."""
+    axes = [a for ax in fig.axes for a in (ax, *ax.child_axes)]  # with secondary axes (e.g. layer names on top)
+    if not all(hasattr(ax, "_autotitlepos") for ax in axes) or any(
+            ax.xaxis.get_ticks_position() in ("top", "unknown") or ax.xaxis.get_label_position() == "top"
+            for ax in axes):
+        return []
+    frozen = [ax for ax in fig.axes if ax._autotitlepos]
+    for ax in frozen:
+        ax._autotitlepos = False
+    return frozen
+
+
+def _offset_text_shown(fig):
+    """Whether a y axis of ``fig`` shows an offset text (e.g. ``1e-5``) after the layout."""
+    return any(ax.yaxis.offsetText.get_visible() and ax.yaxis.offsetText.get_text() for ax in fig.axes)
+
+
 def save_png(fig, path, dpi=DPI, close=True, **savefig_kwargs):
     """Write ``fig`` to ``path`` as PNG via a temp file + os.replace, then close the figure (``close=False``:
     keep it, e.g. to draw the next PNG into the same figure; a layout engine has then been replaced by the
-    positions it computed). With
-    ``CHECK_TEXT_ENV`` set, the text check runs first (``check_figure_text``; ``warn``: a warning instead
-    of ``FigureTextError``) and the texts are recorded in ``CHECKED_TEXTS[path]``."""
+    positions it computed). Axes whose ticks matplotlib places get at most ``MAX_TICK_BINS`` intervals
+    (``cap_auto_ticks``). With ``CHECK_TEXT_ENV`` set, the text check runs first (``check_figure_text``;
+    ``warn``: a warning instead of ``FigureTextError``) and the texts are recorded in
+    ``CHECKED_TEXTS[path]``."""
     path = os.fspath(path)
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     tmp = os.path.join(d, f"{_TMP_PREFIX}{os.getpid()}-{os.path.basename(path)}")
     check = os.environ.get(CHECK_TEXT_ENV, "").strip().lower()
+    frozen = []
     try:
         drawn = False
         checking = check not in ("", "0", "no", "false")
+        cap_auto_ticks(fig)
         if fig.get_layout_engine() is not None and "bbox_inches" not in savefig_kwargs:
             # savefig would draw twice (a draw without rendering for the layout, then the real draw), each
             # running the layout engine: run the layout once and freeze the positions, so the figure is
-            # drawn once (pixel-identical PNGs)
-            if checking:
-                fig.draw_without_rendering()  # the text check needs drawn texts
-                drawn = True
-            else:
-                _run_layout(fig)
+            # drawn once (pixel-identical PNGs); the titles are placed once, too (``_freeze_titles``)
+            frozen = _freeze_titles(fig)
+            layout = fig.draw_without_rendering if checking else partial(_run_layout, fig)  # the check: drawn texts
+            layout()
+            if frozen and _offset_text_shown(fig):  # a title may need to rise above it: matplotlib places them
+                for ax in frozen:
+                    ax._autotitlepos = True
+                frozen = []
+                layout()
+            drawn = checking
             fig.set_layout_engine(None)
         if checking:
             try:
@@ -506,6 +573,8 @@ def save_png(fig, path, dpi=DPI, close=True, **savefig_kwargs):
         fig.savefig(tmp, format="png", dpi=dpi, pil_kwargs={"compress_level": 1}, **savefig_kwargs)  # fast encode
         os.replace(tmp, path)
     finally:
+        for ax in frozen:  # a figure kept open places its titles again when it is next drawn
+            ax._autotitlepos = True
         if close:
             plt.close(fig)
         if os.path.exists(tmp):
