@@ -525,6 +525,12 @@ def _freeze_titles(fig):
     return frozen
 
 
+def _thaw_titles(axes):
+    """Let matplotlib place the titles of ``axes`` again (undo ``_freeze_titles``)."""
+    for ax in axes:
+        ax._autotitlepos = True
+
+
 def _offset_text_shown(fig):
     """Whether a y axis of ``fig`` shows an offset text (e.g. ``1e-5``) after the layout."""
     return any(ax.yaxis.offsetText.get_visible() and ax.yaxis.offsetText.get_text() for ax in fig.axes)
@@ -555,8 +561,7 @@ def save_png(fig, path, dpi=DPI, close=True, **savefig_kwargs):
             layout = fig.draw_without_rendering if checking else partial(_run_layout, fig)  # the check: drawn texts
             layout()
             if frozen and _offset_text_shown(fig):  # a title may need to rise above it: matplotlib places them
-                for ax in frozen:
-                    ax._autotitlepos = True
+                _thaw_titles(frozen)
                 frozen = []
                 layout()
             drawn = checking
@@ -573,8 +578,7 @@ def save_png(fig, path, dpi=DPI, close=True, **savefig_kwargs):
         fig.savefig(tmp, format="png", dpi=dpi, pil_kwargs={"compress_level": 1}, **savefig_kwargs)  # fast encode
         os.replace(tmp, path)
     finally:
-        for ax in frozen:  # a figure kept open places its titles again when it is next drawn
-            ax._autotitlepos = True
+        _thaw_titles(frozen)  # a figure kept open places its titles again when it is next drawn
         if close:
             plt.close(fig)
         if os.path.exists(tmp):
