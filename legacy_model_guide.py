@@ -20,7 +20,7 @@ import sys
 
 import run_gate_analysis
 from gate_analysis.interventions import AUDIO_INTERVENTIONS, GATE_SELECTIONS, GATE_VALUES
-from qd_detr.cli import analysis_args, data_args, model_args, run_main
+from qd_detr.cli import analysis_args, data_args, exit_process, model_args, run_main
 from qd_detr.errors import ConfigError, ToolkitError
 
 __all__ = ["get_args_parser", "analyse", "main", "SCRIPT"]
@@ -76,4 +76,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -31,6 +31,7 @@ import sys
 from qd_detr.cli import (
     analysis_args,
     data_args,
+    exit_process,
     model_args,
     positive_int,
     prepare_output_dir,
@@ -172,4 +173,4 @@ def _compare_only(args):
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    exit_process(run_main(main))

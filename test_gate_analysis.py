@@ -7,10 +7,9 @@
 Prints one PASS/FAIL line per check and exits 0 only when every check holds.
 """
 import argparse
-import sys
 import time
 
-from qd_detr.cli import prepare_output_dir, run_main
+from qd_detr.cli import exit_process, prepare_output_dir, run_main
 
 
 def get_args_parser():
@@ -35,4 +34,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    exit_process(run_main(main))

@@ -24,7 +24,7 @@ import argparse
 import sys
 
 from gate_analysis.compat import check_compatibility, format_report, report_json
-from qd_detr.cli import add_feature_args, architecture_options, model_args, positive_int
+from qd_detr.cli import add_feature_args, architecture_options, exit_process, model_args, positive_int
 
 __all__ = ["get_args_parser", "main"]
 
@@ -67,4 +67,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

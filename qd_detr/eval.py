@@ -380,5 +380,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from .cli import run_main
-    sys.exit(run_main(main))
+    from .cli import exit_process, run_main
+    exit_process(run_main(main))

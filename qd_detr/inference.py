@@ -21,7 +21,7 @@ import sys
 from .annotations import read_jsonl
 from .batching import make_batches
 from .checkpoint import load_checkpoint
-from .cli import architecture_options, data_args, model_args, prepare_output_file, run_main
+from .cli import architecture_options, data_args, exit_process, model_args, prepare_output_file, run_main
 from .dataset import build_dataset
 from .engine import evaluate, iterate_batches, predict
 from .errors import ConfigError, DataError
@@ -76,4 +76,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    exit_process(run_main(main))

@@ -46,10 +46,9 @@ Modules: ``qd_detr.train_options`` (the parser and the saved options), ``qd_detr
 (TensorBoard), ``qd_detr.demo_model`` (the demo model). Their public names are importable from here too.
 """
 import os
-import sys
 
 from .callbacks import GateMonitorCallback, TrainCallback, callbacks_from_options
-from .cli import run_main
+from .cli import exit_process, run_main
 from .demo_model import (
     DEMO_DATA_ARGS,
     DEMO_OPTIONS,
@@ -94,4 +93,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    exit_process(run_main(main))
