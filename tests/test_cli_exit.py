@@ -5,7 +5,6 @@ import gc
 import textwrap
 
 from conftest import run_python
-
 from qd_detr.cli import run_main
 
 SCRIPT = textwrap.dedent("""
