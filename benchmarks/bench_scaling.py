@@ -222,4 +222,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # ends as the timed tools do (qd_detr.cli.exit_process), so the tracking child's shutdown costs what plain
+    # inference's does
+    from qd_detr.cli import exit_process
+    exit_process(main())
